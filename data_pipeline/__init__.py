@@ -1,0 +1,1 @@
+"""The embedded world and the VQA synthesis pipeline."""

@@ -1,0 +1,93 @@
+"""The `mmsearch` command line. Parsing is cheap; each subcommand imports its heavy code lazily.
+
+Every job subcommand takes `--config FILE` and trailing `key=value` overrides, and its own flags
+(`--out`, `--seed`, ...) are shorthands for config keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand path -> "module:function" that runs it; imported only when chosen.
+HANDLERS = {
+    ("world", "build"): "mmsearch.cli.commands:world_build",
+    ("clip", "train"): "mmsearch.cli.commands:clip_train",
+    ("index", "build"): "mmsearch.cli.commands:index_build",
+    ("search", "text"): "mmsearch.cli.commands:search_text",
+    ("search", "image"): "mmsearch.cli.commands:search_image",
+    ("serve",): "mmsearch.cli.commands:serve",
+}
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmsearch", description="Training stack for multimodal search agents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    world = sub.add_parser("world", help="the embedded generated world").add_subparsers(dest="action", required=True)
+    p = world.add_parser("build", help="generate a KB dir (entities, images, articles, scenes)")
+    p.add_argument("--out", help="KB dir to write")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--entities", type=int, help="number of entities")
+    _job_args(p)
+
+    clip = sub.add_parser("clip", help="CLIP image encoder").add_subparsers(dest="action", required=True)
+    p = clip.add_parser("train", help="train (or fine-tune) an open_clip model on a KB's images and titles")
+    p.add_argument("--kb", help="KB dir")
+    p.add_argument("--out", help="model dir to write")
+    _job_args(p)
+
+    index = sub.add_parser("index", help="search indexes").add_subparsers(dest="action", required=True)
+    p = index.add_parser("build", help="build BM25, dense text and CLIP image indexes for a KB")
+    p.add_argument("--kb", help="KB dir")
+    p.add_argument("--out", help="index dir to write")
+    _job_args(p)
+
+    search = sub.add_parser("search", help="run a search tool from the shell").add_subparsers(dest="action", required=True)
+    p = search.add_parser("text", help="text_search over the passage indexes")
+    p.add_argument("query")
+    p.add_argument("--k", type=int, help="number of results")
+    p.add_argument("--mode", choices=["bm25", "dense", "hybrid"])
+    _search_args(p)
+    p = search.add_parser("image", help="image_search (reverse image search), optionally on a crop")
+    p.add_argument("image", help="image file")
+    p.add_argument("--bbox", help="x1,y1,x2,y2 in pixels of the image as the model sees it (after resize)")
+    p.add_argument("--k", type=int, help="number of results")
+    _search_args(p)
+
+    p = sub.add_parser("serve", help="serve the search tools over HTTP (FastAPI)")
+    p.add_argument("--index", help="index dir")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    _job_args(p)
+    return parser
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", help="index dir (in-process search)")
+    p.add_argument("--server", action="append", help="tool-server URL (repeat for replicas)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _job_args(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    key = tuple(part for part in (args.command, getattr(args, "action", None)) if part)
+    module_name, func_name = HANDLERS[key].split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(handler(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        # Config errors, bad KB or index dirs, encoder mismatches: the message is the fix; a traceback is noise.
+        print(f"mmsearch: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Train (or fine-tune) the CLIP model behind reverse image search on a KB's images and titles.
+
+Two contrastive terms, summed:
+- image-text, the CLIP loss between each KB image and its title, keeps the model a CLIP model;
+- image-image, between two augmented views (random crops, colour jitter) of the same KB image.
+  Reverse image search is image -> image: a crop of a scene must land on the KB image it shows,
+  and this term is what teaches that invariance.
+
+Evaluation is image -> image retrieval with held-out queries: crops of the objects in the KB's
+`scenes.jsonl` (scenes are never trained on) searched against embeddings of every KB image;
+recall@1/@5 count the query's `image_id` among the nearest.
+
+With `model_name` empty, a small ViT is trained from scratch (the embedded default: the generated
+world on a CPU in minutes). With `model_name` (+ `pretrained`) a named open_clip model is
+fine-tuned by the same loop. The output dir is open_clip's local-dir format, so
+`tools.encoders.clip.load_image_encoder` (and `open_clip.create_model_and_transforms("local-dir:DIR")`)
+load it; `metrics.jsonl`, TensorBoard events (`tb/`) and `report.json` sit beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm.auto import tqdm
+
+from tools.encoders.clip import CONFIG_FILE, WEIGHTS_FILE, ImageEncoder, model_dir_version, resolve_device
+from tools.kb import KB, ImageRecord
+
+
+@dataclass
+class ClipTrainConfig:
+    kb: str = "runs/world"
+    out: str = "runs/clip"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+
+    # Fine-tune this open_clip model (a name such as "ViT-B-32", "hf-hub:org/repo", or a dir this
+    # trainer wrote) with these weights (a tag such as "laion2b_s34b_b79k", or a file).
+    # Empty: train the small model below from scratch.
+    model_name: str = ""
+    pretrained: str = ""
+
+    # The from-scratch model: a small ViT image tower and a small text tower (open_clip's
+    # SimpleTokenizer, which ships with the package).
+    embed_dim: int = 128
+    image_size: int = 64
+    patch_size: int = 8
+    vision_width: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 3
+    text_width: int = 128
+    text_layers: int = 2
+    text_heads: int = 2
+    context_length: int = 32
+    # How inference fits an image to the square input: "squash" keeps the whole object in view
+    # (KB images are rarely square); "shortest" centre-crops, "longest" pads.
+    resize_mode: str = "squash"
+
+    # Optimisation
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # the cosine decay ends here
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    image_loss_weight: float = 1.0  # weight of the image-image term against the image-text term
+    time_budget_s: float = 0.0  # stop early once training has run this long; 0: no limit
+
+    # Augmentation of training views
+    crop_scale_min: float = 0.4  # smallest crop, as a fraction of the image area
+    color_jitter: float = 0.3  # brightness/contrast/saturation strength (hue gets a quarter)
+
+    # Logging and evaluation
+    log_every: int = 10
+    eval_every: int = 100  # 0: evaluate only at the end
+    eval_max_queries: int = 1000  # scene-object crops used as queries (the first ones in file order)
+    eval_batch_size: int = 128
+    num_workers: int = 0  # DataLoader workers decoding and augmenting images
+
+
+def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict:
+    """Train, evaluate, write the model dir and logs to `cfg.out`; return the report."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    kb = KB(cfg.kb)
+    records = list(kb.images())  # ids, paths and titles only: pixels are decoded per batch
+    if len(records) < 2:
+        raise ValueError(f"{cfg.kb}: CLIP training needs at least 2 images in images.jsonl, found {len(records)}")
+
+    model, model_cfg, tokenizer = build_model(cfg)
+    model.to(device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    encoder = ImageEncoder(
+        model, preprocess, name=str(out), version="training", dim=int(model_cfg["embed_dim"]),
+        device=device, batch_size=cfg.eval_batch_size,
+    )
+    queries = scene_queries(kb, cfg.eval_max_queries)
+
+    augment = T.Compose([
+        RandomRelativeCrop(scale=(cfg.crop_scale_min, 1.0)),
+        T.RandomApply([T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter, cfg.color_jitter / 4)], p=0.8),
+        preprocess,  # the inference transform, so an unaugmented view is exactly what search sees
+    ])
+    dataset = TwoViews(kb, records, augment, tokenizer)
+    loader = DataLoader(
+        dataset, batch_size=min(cfg.batch_size, len(dataset)), shuffle=True, drop_last=True,
+        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed),
+    )
+
+    # Decay matrices only; gains, biases, the class token and the logit scale are left alone.
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb"))
+    metrics = (out / "metrics.jsonl").open("w", encoding="utf-8")
+
+    def log(row: dict) -> None:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        for key, value in row.items():
+            if key != "step":
+                writer.add_scalar(key, value, row["step"])
+
+    def evaluate(step: int) -> dict:
+        recall = retrieval_recall(encoder, kb, records, queries)
+        log({"step": step, "recall@1": recall["recall@1"], "recall@5": recall["recall@5"]})
+        return recall
+
+    batches = _forever(loader)
+    t0 = time.time()
+    step, stopped_by_time_budget = 0, False
+    bar = tqdm(total=cfg.steps, desc="clip train", disable=not progress)
+    while step < cfg.steps:
+        if cfg.time_budget_s and time.time() - t0 > cfg.time_budget_s:
+            stopped_by_time_budget = True
+            break
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        view1, view2, tokens = (t.to(device, non_blocking=True) for t in next(batches))
+        with autocast:
+            image_features = model.encode_image(torch.cat([view1, view2]), normalize=True)
+            text_features = model.encode_text(tokens, normalize=True)
+        z1, z2 = image_features.float().chunk(2)
+        scale = model.logit_scale.exp()
+        loss_text = (contrastive_loss(z1, text_features.float(), scale) + contrastive_loss(z2, text_features.float(), scale)) / 2
+        loss_image = contrastive_loss(z1, z2, scale)
+        loss = loss_text + cfg.image_loss_weight * loss_image
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        with torch.no_grad():  # CLIP's cap on the temperature: logits scaled by at most 100
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            row = {
+                "step": step, "loss": loss.item(), "loss_text": loss_text.item(), "loss_image": loss_image.item(),
+                "lr": lr, "logit_scale": scale.item(), "seconds": round(time.time() - t0, 2),
+            }
+            log(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            recall = evaluate(step)
+            bar.set_postfix(loss=f"{loss.item():.3f}", r1=f"{recall['recall@1']:.3f}")
+    bar.close()
+    train_seconds = time.time() - t0
+
+    recall = evaluate(step)
+    save_model_dir(model, model_cfg, tokenizer, out)
+    report = {
+        **recall,
+        "steps": step,
+        "seconds": round(train_seconds, 1),
+        "stopped_by_time_budget": stopped_by_time_budget,
+        "params": n_params,
+        "device": device,
+        "version": model_dir_version(out),
+        "kb": str(cfg.kb),
+        "kb_fingerprint": kb.fingerprint(),
+        "config": asdict(cfg),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    metrics.close()
+    writer.close()
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+def build_model(cfg: ClipTrainConfig) -> tuple[torch.nn.Module, dict, object]:
+    """The model to train, the `model_cfg` that rebuilds it, and its tokenizer."""
+    if cfg.model_name:
+        name = cfg.model_name
+        if Path(name).is_dir():  # continue from a dir this trainer wrote
+            name = f"local-dir:{name}"
+        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=cfg.pretrained or None)
+        return model, open_clip.get_model_config(name), open_clip.get_tokenizer(name)
+
+    model_cfg = {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size,
+            "width": cfg.vision_width,
+            "layers": cfg.vision_layers,
+            "head_width": cfg.vision_width // cfg.vision_heads,
+        },
+        "text_cfg": {
+            "context_length": cfg.context_length,
+            "vocab_size": 49408,  # SimpleTokenizer's vocabulary
+            "width": cfg.text_width,
+            "heads": cfg.text_heads,
+            "layers": cfg.text_layers,
+        },
+    }
+    model = open_clip.CLIP(**model_cfg)
+    preprocess_cfg = asdict(PreprocessCfg(size=cfg.image_size, resize_mode=cfg.resize_mode))
+    open_clip.set_model_preprocess_cfg(model, preprocess_cfg)
+    return model, model_cfg, open_clip.SimpleTokenizer(context_length=cfg.context_length)
+
+
+def save_model_dir(model: torch.nn.Module, model_cfg: dict, tokenizer: object, out: Path) -> None:
+    """open_clip's local-dir format: the config (architecture + preprocessing) and safetensors weights."""
+    config = {"model_cfg": model_cfg, "preprocess_cfg": model.visual.preprocess_cfg}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = out / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(out / WEIGHTS_FILE)  # a reader never sees half-written weights
+    if hasattr(tokenizer, "save_pretrained"):  # HF tokenizers: open_clip's local-dir reads them from the dir
+        tokenizer.save_pretrained(str(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# loss and schedule
+
+
+def contrastive_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of `a` matches row i of `b`; every other row is a negative."""
+    logits = scale * a @ b.T
+    labels = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def lr_at(step: int, cfg: ClipTrainConfig) -> float:
+    """Linear warmup, then cosine decay from `lr` to `min_lr` at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+class RandomRelativeCrop:
+    """A random crop covering `scale` of the image area, aspect jittered relative to the image's own.
+
+    torchvision's RandomResizedCrop draws absolute aspect ratios, so on a 3:2 image it never
+    yields the whole image, the very view search embeds; here scale=1 is the whole image.
+    Uses torch's RNG, so it follows `torch.manual_seed`.
+    """
+
+    def __init__(self, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.scale, self.log_ratio = scale, (math.log(ratio[0]), math.log(ratio[1]))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        area = torch.empty(1).uniform_(*self.scale).item()
+        ratio = math.exp(torch.empty(1).uniform_(*self.log_ratio).item())
+        w = max(1, min(width, round(width * math.sqrt(area * ratio))))
+        h = max(1, min(height, round(height * math.sqrt(area / ratio))))
+        x = torch.randint(0, width - w + 1, (1,)).item()
+        y = torch.randint(0, height - h + 1, (1,)).item()
+        return image.crop((x, y, x + w, y + h))
+
+
+class TwoViews(Dataset):
+    """KB image i -> (augmented view, another augmented view, tokenized title)."""
+
+    def __init__(self, kb: KB, records: list[ImageRecord], augment, tokenizer):
+        self.kb, self.records, self.augment = kb, records, augment
+        self.tokens = tokenizer([r.title or r.text or r.id for r in records])  # titles are short: one pass
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.kb.image_path(self.records[i])) as im:
+            image = im.convert("RGB")
+        return self.augment(image), self.augment(image), self.tokens[i]
+
+
+def _forever(loader: DataLoader):
+    while True:  # each pass reshuffles from the loader's seeded generator
+        yield from loader
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+
+@dataclass
+class SceneQuery:
+    image: Image.Image  # the object's crop out of its scene
+    image_id: str  # the KB image it shows: the right answer
+
+
+def scene_queries(kb: KB, max_queries: int) -> list[SceneQuery]:
+    """Crops of scene objects (bbox in scene pixels), in file order, up to `max_queries`."""
+    queries: list[SceneQuery] = []
+    for scene in kb.scenes():
+        if len(queries) >= max_queries:
+            break
+        path = kb.root / str(scene.get("path", ""))
+        if not path.is_file():
+            continue
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        for obj in scene.get("objects", []):
+            x1, y1, x2, y2 = (int(round(v)) for v in obj["bbox"])
+            x1, y1, x2, y2 = max(0, x1), max(0, y1), min(image.width, x2), min(image.height, y2)
+            if x2 > x1 and y2 > y1 and len(queries) < max_queries:
+                queries.append(SceneQuery(image.crop((x1, y1, x2, y2)), str(obj["image_id"])))
+    return queries
+
+
+def retrieval_recall(encoder: ImageEncoder, kb: KB, records: list[ImageRecord], queries: list[SceneQuery]) -> dict:
+    """Image -> image recall@1/@5 of scene-object crops against every KB image."""
+    gallery = np.concatenate([
+        encoder.encode([_open_rgb(kb, r) for r in records[start : start + encoder.batch_size]])
+        for start in range(0, len(records), encoder.batch_size)
+    ])
+    row_of = {r.id: i for i, r in enumerate(records)}
+    answerable = [q for q in queries if q.image_id in row_of]
+    if not answerable:
+        return {"recall@1": 0.0, "recall@5": 0.0, "num_queries": 0, "num_gallery": len(records)}
+    scores = encoder.encode([q.image for q in answerable]) @ gallery.T
+    target = np.array([row_of[q.image_id] for q in answerable])
+    # rank of the right answer = how many gallery images score strictly higher
+    rank = (scores > scores[np.arange(len(target)), target][:, None]).sum(axis=1)
+    return {
+        "recall@1": float((rank < 1).mean()),
+        "recall@5": float((rank < 5).mean()),
+        "num_queries": len(answerable),
+        "num_gallery": len(records),
+    }
+
+
+def _open_rgb(kb: KB, record: ImageRecord) -> Image.Image:
+    with Image.open(kb.image_path(record)) as im:
+        return im.convert("RGB")
