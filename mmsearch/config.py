@@ -44,7 +44,9 @@ def load_config(
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
-        raise ConfigError(str(exc).splitlines()[0]) from None
+        key = getattr(exc, "full_key", None)
+        message = str(exc).splitlines()[0]
+        raise ConfigError(f"{key}: {message}" if key else message) from None
 
 
 def to_yaml(config: Any) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 # subcommand path -> "module:function" that runs it; imported only when chosen.
@@ -18,6 +20,7 @@ HANDLERS = {
     ("search", "text"): "mmsearch.cli.commands:search_text",
     ("search", "image"): "mmsearch.cli.commands:search_image",
     ("serve",): "mmsearch.cli.commands:serve",
+    ("demo", "tools"): "mmsearch.cli.demo:demo_tools",
 }
 
 
@@ -66,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     _job_args(p)
+
+    demo = sub.add_parser("demo", help="show the stack on the embedded world").add_subparsers(dest="action", required=True)
+    p = demo.add_parser("tools", help="crop, image_search and text_search on a world scene")
+    p.add_argument("--kb", required=True, help="KB dir (the world)")
+    p.add_argument("--index", required=True, help="index dir")
     return parser
 
 
@@ -78,6 +86,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Our jobs show their own progress; per-file weight-loading bars from the hub libraries are noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     key = tuple(part for part in (args.command, getattr(args, "action", None)) if part)
     module_name, func_name = HANDLERS[key].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)

@@ -1,0 +1,38 @@
+# mmsearch: `make demo` runs the embedded default end to end, `make test` runs the tests.
+# Both create .venv (and install the project into it) when it is missing or out of date.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= runs/demo
+SEED ?= 0
+
+.PHONY: install demo test test-all bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# world -> CLIP -> indexes -> a few tool calls, all offline.
+demo: install
+	$(BIN)/mmsearch world build --config configs/world/default.yaml --out $(RUN)/world --seed $(SEED)
+	$(BIN)/mmsearch clip train --config configs/clip/tiny.yaml --kb $(RUN)/world --out $(RUN)/clip
+	$(BIN)/mmsearch index build --config configs/index/default.yaml --kb $(RUN)/world --out $(RUN)/index image_encoder.name=$(RUN)/clip
+	$(BIN)/mmsearch demo tools --kb $(RUN)/world --index $(RUN)/index
+
+# Fast suite (what CI runs); `make test-all` adds the slow tests.
+test: install
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-all: install
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py --out bench_out
+
+clean:
+	rm -rf runs bench_out
