@@ -45,23 +45,33 @@ def test_k_larger_than_the_kb_is_fine(search):
     assert 0 < len(hits) <= search.manifests["bm25"].count
 
 
+@pytest.fixture(scope="module")
+def small_kb(world_dir, tmp_path_factory):
+    """The world's first 80 passages: enough to train a small IVF, quick to dense-encode."""
+    kb = tmp_path_factory.mktemp("small_kb")
+    lines = (world_dir / "passages.jsonl").read_text().splitlines(keepends=True)
+    (kb / "passages.jsonl").write_text("".join(lines[:80]))
+    return kb
+
+
 @pytest.mark.parametrize("factory", ["IVF4,Flat", "HNSW16"])
-def test_other_faiss_types_build_by_streaming(world_dir, tmp_path, factory):
-    cfg = IndexBuildConfig(kb=str(world_dir), out=str(tmp_path), bm25=False, image=False,
+def test_other_faiss_types_build_by_streaming(small_kb, tmp_path, factory):
+    cfg = IndexBuildConfig(kb=str(small_kb), out=str(tmp_path), bm25=False, image=False,
                            text_faiss=factory, faiss_train_size=64)
     build_indexes(cfg, progress=False)
     search = LocalSearch(tmp_path, device="cpu")
     assert search.manifests["dense"].faiss_factory == factory
+    assert search.manifests["dense"].count == 80
     (hits,) = search.text_search(["a nation and its capital city"], k=3, mode="dense")
     assert len(hits) == 3
 
 
-def test_bad_faiss_settings_are_clear_errors(world_dir, tmp_path):
+def test_bad_faiss_settings_are_clear_errors(small_kb, tmp_path):
     with pytest.raises(ValueError, match="bad FAISS factory string 'Nonsense9'"):
-        build_indexes(IndexBuildConfig(kb=str(world_dir), out=str(tmp_path), bm25=False, image=False,
+        build_indexes(IndexBuildConfig(kb=str(small_kb), out=str(tmp_path), bm25=False, image=False,
                                        text_faiss="Nonsense9"), progress=False)
     with pytest.raises(ValueError, match="could not be trained"):
-        build_indexes(IndexBuildConfig(kb=str(world_dir), out=str(tmp_path), bm25=False, image=False,
+        build_indexes(IndexBuildConfig(kb=str(small_kb), out=str(tmp_path), bm25=False, image=False,
                                        text_faiss="IVF65536,Flat"), progress=False)
     assert not (tmp_path / "dense").exists()  # a failed build leaves nothing that looks usable
 

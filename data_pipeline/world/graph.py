@@ -164,8 +164,10 @@ def generate_world(seed: int, total: int, shares: KindShares) -> World:
     for nation in nations:
         rng = rng_for(nation.id)
         nation.relations["capital"] = rng.choice(cities_of[nation.id]).id
-        people = sum(city_population[c.id] for c in cities_of[nation.id]) * rng.uniform(1.5, 5.0)
-        nation.facts["population"] = f"{people / 1e6:.1f} million" if people >= 1e6 else f"{round(people, -3):,.0f}"
+        # Cities hold only part of a nation's people, so the total always exceeds their sum.
+        inhabitants = sum(city_population[c.id] for c in cities_of[nation.id]) * rng.uniform(2.0, 8.0)
+        nation.facts["population"] = (f"{inhabitants / 1e6:.1f} million" if inhabitants >= 1e6
+                                      else f"{round(inhabitants, -3):,.0f}")
 
     seas = [forge.word(syllables=(2, 2)) for _ in range(max(2, counts["river"] // 5))]
     rivers = []
@@ -199,7 +201,8 @@ def generate_world(seed: int, total: int, shares: KindShares) -> World:
     for i, oid in enumerate(ids["organisation"]):
         rng, base = rng_for(oid), forge.word()
         # Every fourth organisation keeps art, so artworks always have somewhere to hang.
-        suffix, short, org_type = rng.choice(COLLECTION_TYPES if i % 4 == 0 else OTHER_ORG_TYPES)
+        holds_art = i % 4 == 0
+        suffix, short, org_type = rng.choice(COLLECTION_TYPES if holds_art else OTHER_ORG_TYPES)
         name = f"{base} {suffix}"
         forge.claim(name)
         initials = acronym(name)
@@ -211,10 +214,10 @@ def generate_world(seed: int, total: int, shares: KindShares) -> World:
         org = Entity(oid, "organisation", name,
                      aliases(*([initials] if len(initials) >= 3 else []), *([f"{base} {short}"] if short else [])),
                      {"type": org_type, "founded": str(rng.randint(born + 20, died)),
-                      "employees": f"{rng.randint(12, 40_000):,}"},
+                      "employees": f"{rng.randint(8, 600) if holds_art else rng.randint(20, 40_000):,}"},
                      {"founder": founder.id, "headquarters": hq.id})
         organisations.append(org)
-        if i % 4 == 0:
+        if holds_art:
             collections.append(org)
 
     artworks = []

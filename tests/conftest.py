@@ -1,0 +1,61 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.world import WorldConfig, build_world
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small embedded world (60 entities, seed 0) built once per session. Read it, never write it."""
+    out = tmp_path_factory.mktemp("world") / "kb"
+    build_world(WorldConfig(out=str(out), seed=0, entities=60), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def clip_dir(world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A deliberately tiny CLIP trained for a few steps: real weights in the real format, not a good model."""
+    from tools.encoders.clip_train import ClipTrainConfig, train_clip
+
+    out = tmp_path_factory.mktemp("clip") / "model"
+    train_clip(ClipTrainConfig(
+        kb=str(world_dir), out=str(out), device="cpu", steps=3, batch_size=16, warmup_steps=1,
+        embed_dim=32, vision_width=64, vision_layers=1, vision_heads=2, text_width=64, text_layers=1,
+        eval_every=0, eval_max_queries=8, log_every=1,
+    ), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def index_dir(world_dir: Path, clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BM25, dense (all-MiniLM-L6-v2) and CLIP image indexes over the small world."""
+    from tools.config import ImageEncoderConfig, IndexBuildConfig
+    from tools.index.build import build_indexes
+
+    out = tmp_path_factory.mktemp("index")
+    build_indexes(IndexBuildConfig(kb=str(world_dir), out=str(out), device="cpu",
+                                   image_encoder=ImageEncoderConfig(name=str(clip_dir))), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_index_dir(index_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same index dir without its image index."""
+    out = tmp_path_factory.mktemp("text_index")
+    for kind in ("bm25", "dense"):
+        shutil.copytree(index_dir / kind, out / kind)
+    return out
+
+
+@pytest.fixture(scope="session")
+def search(index_dir: Path):
+    """In-process search over `index_dir` (shared: tests must not change it)."""
+    from tools.search.local import LocalSearch
+
+    return LocalSearch(index_dir, device="cpu")
