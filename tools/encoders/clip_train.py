@@ -8,7 +8,9 @@ Two contrastive terms, summed:
 
 Evaluation is image -> image retrieval with held-out queries: crops of the objects in the KB's
 `scenes.jsonl` (scenes are never trained on) searched against embeddings of every KB image;
-recall@1/@5 count the query's `image_id` among the nearest.
+recall@1/@5 count the query's `image_id` among the nearest. Exact boxes are easy (the crop is the
+KB image, resized), so `jitter_recall@k` repeats it with every box side moved at random, as a
+policy's own boxes are off: that is the number training moves.
 
 With `model_name` empty, a small ViT is trained from scratch (the embedded default: the generated
 world on a CPU in minutes). With `model_name` (+ `pretrained`) a named open_clip model is
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +32,8 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -58,19 +61,23 @@ class ClipTrainConfig:
     embed_dim: int = 128
     image_size: int = 64
     patch_size: int = 8
-    vision_width: int = 192
-    vision_layers: int = 4
-    vision_heads: int = 3
-    text_width: int = 128
+    vision_width: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    # Narrow, because the token embedding is vocabulary (49408) x width and AdamW updates every
+    # row each step: at width 128 it is most of the model and most of a CPU step.
+    text_width: int = 64
     text_layers: int = 2
     text_heads: int = 2
     context_length: int = 32
-    # How inference fits an image to the square input: "squash" keeps the whole object in view
-    # (KB images are rarely square); "shortest" centre-crops, "longest" pads.
+
+    # How the model's preprocessing fits an image to its square input (saved with the model, so
+    # search does the same): "squash" keeps the whole object in view, as KB images are rarely
+    # square; "shortest" centre-crops (open_clip's default for pretrained models), "longest" pads.
     resize_mode: str = "squash"
 
     # Optimisation
-    steps: int = 300
+    steps: int = 150
     batch_size: int = 64
     lr: float = 1e-3
     min_lr: float = 1e-4  # the cosine decay ends here
@@ -78,22 +85,31 @@ class ClipTrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     image_loss_weight: float = 1.0  # weight of the image-image term against the image-text term
-    time_budget_s: float = 0.0  # stop early once training has run this long; 0: no limit
+    # Stop early once training has run this long (0: no limit). A run cut short by the clock ends
+    # mid-schedule and is no longer reproducible step for step; the report says when it happened.
+    time_budget_s: float = 0.0
 
-    # Augmentation of training views
-    crop_scale_min: float = 0.4  # smallest crop, as a fraction of the image area
-    color_jitter: float = 0.3  # brightness/contrast/saturation strength (hue gets a quarter)
+    # Augmentation of the training views. The window's area as a fraction of the image's: below 1
+    # a crop, above 1 a loose box with background around the image (as a policy's crop of a scene).
+    crop_scale_min: float = 0.35
+    crop_scale_max: float = 2.0
+    # Brightness/contrast/saturation strength. No hue jitter: colour tells flags apart.
+    color_jitter: float = 0.3
 
     # Logging and evaluation
     log_every: int = 10
-    eval_every: int = 100  # 0: evaluate only at the end
+    eval_every: int = 75  # 0: evaluate only at the end
     eval_max_queries: int = 1000  # scene-object crops used as queries (the first ones in file order)
+    # A second query set moves each side of each box by up to this fraction of its size, as a
+    # policy's own boxes are off; it is reported as jitter_recall@k.
+    eval_jitter: float = 0.2
     eval_batch_size: int = 128
     num_workers: int = 0  # DataLoader workers decoding and augmenting images
 
 
 def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict:
     """Train, evaluate, write the model dir and logs to `cfg.out`; return the report."""
+    job_start = time.time()
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
@@ -113,10 +129,11 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict:
         device=device, batch_size=cfg.eval_batch_size,
     )
     queries = scene_queries(kb, cfg.eval_max_queries)
+    jittered_queries = scene_queries(kb, cfg.eval_max_queries, jitter=cfg.eval_jitter)
 
     augment = T.Compose([
-        RandomRelativeCrop(scale=(cfg.crop_scale_min, 1.0)),
-        T.RandomApply([T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter, cfg.color_jitter / 4)], p=0.8),
+        RandomRelativeCrop(scale=(cfg.crop_scale_min, cfg.crop_scale_max)),
+        T.RandomApply([T.ColorJitter(cfg.color_jitter, cfg.color_jitter, cfg.color_jitter)], p=0.8),
         preprocess,  # the inference transform, so an unaugmented view is exactly what search sees
     ])
     dataset = TwoViews(kb, records, augment, tokenizer)
@@ -132,7 +149,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict:
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ],
-        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True,  # fused: one kernel for all tensors, CPU or GPU
     )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
@@ -149,8 +166,11 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict:
                 writer.add_scalar(key, value, row["step"])
 
     def evaluate(step: int) -> dict:
-        recall = retrieval_recall(encoder, kb, records, queries)
-        log({"step": step, "recall@1": recall["recall@1"], "recall@5": recall["recall@5"]})
+        gallery = encode_kb(encoder, kb, records)
+        recall = retrieval_recall(encoder, gallery, records, queries)
+        jittered = retrieval_recall(encoder, gallery, records, jittered_queries)
+        recall |= {f"jitter_{k}": v for k, v in jittered.items() if k.startswith("recall")}
+        log({"step": step} | {k: v for k, v in recall.items() if "recall" in k})
         return recall
 
     batches = _forever(loader)
@@ -170,8 +190,9 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict:
             image_features = model.encode_image(torch.cat([view1, view2]), normalize=True)
             text_features = model.encode_text(tokens, normalize=True)
         z1, z2 = image_features.float().chunk(2)
+        text_features = text_features.float()
         scale = model.logit_scale.exp()
-        loss_text = (contrastive_loss(z1, text_features.float(), scale) + contrastive_loss(z2, text_features.float(), scale)) / 2
+        loss_text = (contrastive_loss(z1, text_features, scale) + contrastive_loss(z2, text_features, scale)) / 2
         loss_image = contrastive_loss(z1, z2, scale)
         loss = loss_text + cfg.image_loss_weight * loss_image
 
@@ -194,7 +215,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict:
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             recall = evaluate(step)
-            bar.set_postfix(loss=f"{loss.item():.3f}", r1=f"{recall['recall@1']:.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", r1=f"{recall['recall@1']:.3f}", jr1=f"{recall['jitter_recall@1']:.3f}")
     bar.close()
     train_seconds = time.time() - t0
 
@@ -203,7 +224,8 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict:
     report = {
         **recall,
         "steps": step,
-        "seconds": round(train_seconds, 1),
+        "train_seconds": round(train_seconds, 1),  # the loop, periodic evaluations included
+        "seconds": round(time.time() - job_start, 1),  # the whole job: loading, training, evaluation, saving
         "stopped_by_time_budget": stopped_by_time_budget,
         "params": n_params,
         "device": device,
@@ -228,9 +250,13 @@ def build_model(cfg: ClipTrainConfig) -> tuple[torch.nn.Module, dict, object]:
         name = cfg.model_name
         if Path(name).is_dir():  # continue from a dir this trainer wrote
             name = f"local-dir:{name}"
-        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=cfg.pretrained or None)
+        model, _, _ = open_clip.create_model_and_transforms(
+            name, pretrained=cfg.pretrained or None, image_resize_mode=cfg.resize_mode
+        )
         return model, open_clip.get_model_config(name), open_clip.get_tokenizer(name)
 
+    if cfg.vision_width % cfg.vision_heads or cfg.text_width % cfg.text_heads:
+        raise ValueError("vision_width and text_width must be multiples of vision_heads and text_heads")
     model_cfg = {
         "embed_dim": cfg.embed_dim,
         "vision_cfg": {
@@ -290,11 +316,14 @@ def lr_at(step: int, cfg: ClipTrainConfig) -> float:
 
 
 class RandomRelativeCrop:
-    """A random crop covering `scale` of the image area, aspect jittered relative to the image's own.
+    """A random window over the image: `scale` of its area, aspect jittered relative to its own.
 
-    torchvision's RandomResizedCrop draws absolute aspect ratios, so on a 3:2 image it never
-    yields the whole image, the very view search embeds; here scale=1 is the whole image.
-    Uses torch's RNG, so it follows `torch.manual_seed`.
+    A scale above 1 zooms out: the window overhangs the image and the rest is clutter (a random
+    colour under a few random shapes), as a loose crop of a scene shows background around the
+    object. torchvision's
+    RandomResizedCrop draws absolute aspect ratios and never zooms out, so on a 3:2 image it never
+    even yields the whole image, the very view search embeds. Uses torch's RNG, so it follows
+    `torch.manual_seed`.
     """
 
     def __init__(self, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
@@ -304,11 +333,37 @@ class RandomRelativeCrop:
         width, height = image.size
         area = torch.empty(1).uniform_(*self.scale).item()
         ratio = math.exp(torch.empty(1).uniform_(*self.log_ratio).item())
-        w = max(1, min(width, round(width * math.sqrt(area * ratio))))
-        h = max(1, min(height, round(height * math.sqrt(area / ratio))))
-        x = torch.randint(0, width - w + 1, (1,)).item()
-        y = torch.randint(0, height - h + 1, (1,)).item()
-        return image.crop((x, y, x + w, y + h))
+        w = max(1, round(width * math.sqrt(area * ratio)))
+        h = max(1, round(height * math.sqrt(area / ratio)))
+        # the window's top-left corner, anywhere that keeps it inside the image or the image inside it
+        x = torch.randint(min(0, width - w), max(0, width - w) + 1, (1,)).item()
+        y = torch.randint(min(0, height - h), max(0, height - h) + 1, (1,)).item()
+        window = Image.new("RGB", (w, h), _random_colour())
+        if w > width or h > height:
+            _draw_clutter(window)
+        window.paste(image, (-x, -y))
+        return window
+
+
+def _random_colour() -> tuple[int, int, int]:
+    return tuple(torch.randint(0, 256, (3,)).tolist())
+
+
+def _draw_clutter(image: Image.Image) -> None:
+    """A few random rectangles, ellipses and lines: a background that is not a flat colour."""
+    draw = ImageDraw.Draw(image)
+    width, height = image.size
+    for _ in range(torch.randint(2, 8, (1,)).item()):
+        xs = sorted(torch.randint(0, width, (2,)).tolist())
+        ys = sorted(torch.randint(0, height, (2,)).tolist())
+        box = (xs[0], ys[0], xs[1], ys[1])
+        shape = torch.randint(0, 3, (1,)).item()
+        if shape == 0:
+            draw.rectangle(box, fill=_random_colour())
+        elif shape == 1:
+            draw.ellipse(box, fill=_random_colour())
+        else:
+            draw.line(box, fill=_random_colour(), width=torch.randint(1, 4, (1,)).item())
 
 
 class TwoViews(Dataset):
@@ -342,8 +397,14 @@ class SceneQuery:
     image_id: str  # the KB image it shows: the right answer
 
 
-def scene_queries(kb: KB, max_queries: int) -> list[SceneQuery]:
-    """Crops of scene objects (bbox in scene pixels), in file order, up to `max_queries`."""
+def scene_queries(kb: KB, max_queries: int, jitter: float = 0.0) -> list[SceneQuery]:
+    """Crops of scene objects (bbox in scene pixels), in file order, up to `max_queries`.
+
+    With `jitter`, each side of a box moves by up to that fraction of the box's size, as a
+    policy's predicted box would; the draws come from a fixed seed in file order, so every run and
+    every model is scored on the same crops.
+    """
+    rng = random.Random(0)
     queries: list[SceneQuery] = []
     for scene in kb.scenes():
         if len(queries) >= max_queries:
@@ -354,19 +415,26 @@ def scene_queries(kb: KB, max_queries: int) -> list[SceneQuery]:
         with Image.open(path) as im:
             image = im.convert("RGB")
         for obj in scene.get("objects", []):
-            x1, y1, x2, y2 = (int(round(v)) for v in obj["bbox"])
-            x1, y1, x2, y2 = max(0, x1), max(0, y1), min(image.width, x2), min(image.height, y2)
-            if x2 > x1 and y2 > y1 and len(queries) < max_queries:
-                queries.append(SceneQuery(image.crop((x1, y1, x2, y2)), str(obj["image_id"])))
+            x1, y1, x2, y2 = (float(v) for v in obj["bbox"])
+            w, h = x2 - x1, y2 - y1
+            x1, x2 = x1 + rng.uniform(-jitter, jitter) * w, x2 + rng.uniform(-jitter, jitter) * w
+            y1, y2 = y1 + rng.uniform(-jitter, jitter) * h, y2 + rng.uniform(-jitter, jitter) * h
+            box = (max(0, round(x1)), max(0, round(y1)), min(image.width, round(x2)), min(image.height, round(y2)))
+            if box[2] > box[0] and box[3] > box[1] and len(queries) < max_queries:
+                queries.append(SceneQuery(image.crop(box), str(obj["image_id"])))
     return queries
 
 
-def retrieval_recall(encoder: ImageEncoder, kb: KB, records: list[ImageRecord], queries: list[SceneQuery]) -> dict:
-    """Image -> image recall@1/@5 of scene-object crops against every KB image."""
-    gallery = np.concatenate([
+def encode_kb(encoder: ImageEncoder, kb: KB, records: list[ImageRecord]) -> np.ndarray:
+    """Embeddings of every KB image, decoded one batch at a time."""
+    return np.concatenate([
         encoder.encode([_open_rgb(kb, r) for r in records[start : start + encoder.batch_size]])
         for start in range(0, len(records), encoder.batch_size)
     ])
+
+
+def retrieval_recall(encoder: ImageEncoder, gallery: np.ndarray, records: list[ImageRecord], queries: list[SceneQuery]) -> dict:
+    """Image -> image recall@1/@5 of scene-object crops against the KB images' embeddings `gallery`."""
     row_of = {r.id: i for i, r in enumerate(records)}
     answerable = [q for q in queries if q.image_id in row_of]
     if not answerable:
