@@ -24,18 +24,13 @@ import torch
 from PIL import Image
 
 from tools.config import ImageEncoderConfig
+from tools.device import resolve_device
 
 # File names of open_clip's local-dir / HF-hub format; the trainer writes exactly these.
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 
 HF_HUB_PREFIX = "hf-hub:"
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class ImageEncoder:

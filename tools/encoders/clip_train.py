@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from tools.encoders.clip import CONFIG_FILE, WEIGHTS_FILE, ImageEncoder, model_dir_version, resolve_device
+from tools.device import resolve_device
+from tools.encoders.clip import CONFIG_FILE, WEIGHTS_FILE, ImageEncoder, model_dir_version
 from tools.kb import KB, ImageRecord
 
 

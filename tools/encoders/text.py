@@ -31,12 +31,13 @@ def resolve_model_path(name: str) -> str:
 
 
 def weights_version(model: torch.nn.Module) -> str:
-    """A short digest of the weights: changes when any parameter changes, cheap to compute."""
+    """A short digest of the config and the exact parameter bytes: changes when any weight changes,
+    and (unlike float sums) does not depend on the thread count or the reduction order."""
     digest = hashlib.sha256(model.config.to_json_string().encode())
     with torch.no_grad():
-        for name, param in model.state_dict().items():
-            stats = (param.double().sum().item(), param.double().abs().sum().item())
-            digest.update(f"{name}{tuple(param.shape)}{stats}".encode())
+        for name, tensor in model.state_dict().items():
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
