@@ -91,3 +91,4 @@ class ServeConfig:
     max_batch: int = 64  # most queries fused into one encoder/FAISS call
     max_wait_ms: float = 2.0  # how long the batcher waits for more requests to join a batch
     max_queries_per_request: int = 256
+    cpu_threads: int = 0  # torch/FAISS threads; 0: the available cores less one (for the event loop)

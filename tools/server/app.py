@@ -198,21 +198,21 @@ def _decode_all(images: list[str]) -> list[Image.Image]:
     return decoded
 
 
-def set_cpu_threads() -> int:
-    """Size torch's and FAISS's CPU thread pools to the cores this process may use, less one for the event loop.
+def set_cpu_threads(threads: int = 0) -> int:
+    """Size torch's and FAISS's CPU thread pools; 0 means the cores this process may use, less one
+    for the event loop.
 
     Both default to every core (torch possibly to the host's count); oversubscribed OpenMP threads
     spin against each other and against the event loop, which then cannot parse the requests that
     should form the next batch (measured on a shared 2-core machine: 2 torch threads took the
-    one-at-a-time server from ~45 to ~3 queries/s). Called after the encoders are loaded: the text
-    encoder's weight digest sums floats in parallel, so computing it under another thread count
-    than the index build used can change it and fail the manifest check.
+    one-at-a-time server from ~45 to ~3 queries/s).
     """
     import faiss
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores - 1)
+    if threads <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores - 1)
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     return threads
@@ -223,7 +223,7 @@ def run_server(cfg: ServeConfig) -> None:
     from tools.search.local import LocalSearch
 
     backend = LocalSearch(cfg.index, device=cfg.device)
-    set_cpu_threads()
+    set_cpu_threads(cfg.cpu_threads)
     app = create_app(backend, cfg)
     if cfg.host not in LOOPBACK:
         logger.warning("serving on %s: anyone who can reach this address can query the index", cfg.host)
