@@ -130,3 +130,13 @@ def test_cache_serves_repeats_and_keys_on_the_fingerprint(search, tmp_path):
     cached.text_search(["capital city"], k=4, mode="bm25")  # another k is another key
     assert cached.misses == 3
     cached.close()
+
+
+def test_batched_encoding_matches_one_at_a_time(search):
+    """Texts are encoded in length-sorted batches; each row must still be its own text's embedding."""
+    encoder = search._dense.encoder
+    texts = ["a", "a much longer passage about the capital city of a nation and its rivers", "river", "x y z"]
+    batched = encoder.encode(texts)
+    singles = [encoder.encode([t])[0] for t in texts]
+    for row, single in zip(batched, singles):
+        assert abs(row - single).max() < 1e-5
