@@ -249,7 +249,7 @@ def test_replicas_serving_different_indexes_are_rejected():
 def test_missing_indexes_and_modes_are_400():
     backend = StubBackend()
     backend.text_modes = ["bm25"]
-    backend.manifests = {"bm25": object()}  # no image index
+    backend.has_image_search = False  # no image index
     with BackgroundServer(create_app(backend, ServeConfig())) as running:
         health = httpx.get(running.url + "/health").json()
         assert health["image_search"] is False

@@ -33,15 +33,16 @@ BATCH = 1024
 def build_indexes(cfg: IndexBuildConfig, progress: bool = True) -> dict:
     """Build the indexes `cfg` asks for; returns {kind: manifest dict}."""
     kb = KB(cfg.kb)
+    kb_fingerprint = kb.fingerprint()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     built = {}
     if cfg.bm25:
-        built[BM25_DIR] = _build(out / BM25_DIR, lambda d: _build_bm25(kb, d, progress))
+        built[BM25_DIR] = _build(out / BM25_DIR, lambda d: _build_bm25(kb, kb_fingerprint, d, progress))
     if cfg.dense:
-        built[DENSE_DIR] = _build(out / DENSE_DIR, lambda d: _build_dense(kb, cfg, d, progress))
+        built[DENSE_DIR] = _build(out / DENSE_DIR, lambda d: _build_dense(kb, kb_fingerprint, cfg, d, progress))
     if cfg.image:
-        built[IMAGE_DIR] = _build(out / IMAGE_DIR, lambda d: _build_image(kb, cfg, d, progress))
+        built[IMAGE_DIR] = _build(out / IMAGE_DIR, lambda d: _build_image(kb, kb_fingerprint, cfg, d, progress))
     for name, report in kb.skips.items():
         if report.skipped:
             for manifest in built.values():
@@ -81,7 +82,7 @@ def _passage_doc(p) -> dict:
     return {"id": p.id, "title": p.title, "text": p.text, "entity_id": p.entity_id}
 
 
-def _build_bm25(kb: KB, out: Path, progress: bool) -> Manifest:
+def _build_bm25(kb: KB, kb_fingerprint: str, out: Path, progress: bool) -> Manifest:
     tokenizer, docs = bm25_tokenizer(), DocStoreWriter(out)
     token_ids: list[list[int]] = []
     for batch in _batches(tqdm(kb.passages(), desc="bm25", unit=" passages", disable=not progress)):
@@ -101,11 +102,11 @@ def _build_bm25(kb: KB, out: Path, progress: bool) -> Manifest:
     tokenizer.save_stopwords(out)
     return Manifest(
         kind="bm25", encoder="bm25s", encoder_version=bm25s.__version__, dim=0, faiss_factory="",
-        kb_fingerprint=kb.fingerprint(), kb_dir=str(kb.root.resolve()), count=count,
+        kb_fingerprint=kb_fingerprint, kb_dir=str(kb.root.resolve()), count=count,
     )
 
 
-def _build_dense(kb: KB, cfg: IndexBuildConfig, out: Path, progress: bool) -> Manifest:
+def _build_dense(kb: KB, kb_fingerprint: str, cfg: IndexBuildConfig, out: Path, progress: bool) -> Manifest:
     from tools.encoders.text import TextEncoder
 
     encoder = TextEncoder(cfg.text_encoder, cfg.device)
@@ -121,7 +122,7 @@ def _build_dense(kb: KB, cfg: IndexBuildConfig, out: Path, progress: bool) -> Ma
     save_index(faiss_builder.finish(), out)
     return Manifest(
         kind="dense_text", encoder=_portable_name(encoder.name), encoder_version=encoder.version, dim=encoder.dim,
-        faiss_factory=cfg.text_faiss, kb_fingerprint=kb.fingerprint(), kb_dir=str(kb.root.resolve()),
+        faiss_factory=cfg.text_faiss, kb_fingerprint=kb_fingerprint, kb_dir=str(kb.root.resolve()),
         count=count,
         extra={
             "query_prefix": cfg.text_encoder.query_prefix,
@@ -131,7 +132,7 @@ def _build_dense(kb: KB, cfg: IndexBuildConfig, out: Path, progress: bool) -> Ma
     )
 
 
-def _build_image(kb: KB, cfg: IndexBuildConfig, out: Path, progress: bool) -> Manifest:
+def _build_image(kb: KB, kb_fingerprint: str, cfg: IndexBuildConfig, out: Path, progress: bool) -> Manifest:
     from tools.encoders.clip import load_image_encoder
 
     encoder = load_image_encoder(cfg.image_encoder, cfg.device)
@@ -161,6 +162,6 @@ def _build_image(kb: KB, cfg: IndexBuildConfig, out: Path, progress: bool) -> Ma
         extra["unreadable_images"] = unreadable
     return Manifest(
         kind="clip_image", encoder=_portable_name(encoder.name), encoder_version=encoder.version, dim=encoder.dim,
-        faiss_factory=cfg.image_faiss, kb_fingerprint=kb.fingerprint(), kb_dir=str(kb.root.resolve()),
+        faiss_factory=cfg.image_faiss, kb_fingerprint=kb_fingerprint, kb_dir=str(kb.root.resolve()),
         count=count, extra=extra,
     )

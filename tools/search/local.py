@@ -68,6 +68,10 @@ class LocalSearch:
         modes = [m for m, ok in (("bm25", self._bm25), ("dense", self._dense)) if ok]
         return modes + (["hybrid"] if len(modes) == 2 else [])
 
+    @property
+    def has_image_search(self) -> bool:
+        return self._image is not None
+
     def text_search(self, queries: list[str], k: int, mode: TextMode | None = None) -> list[list[Hit]]:
         mode = mode or self.default_mode
         if mode not in self.text_modes:

@@ -75,13 +75,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def _capabilities(backend: SearchBackend) -> tuple[list[str], bool]:
     """Text modes and image search the backend offers. LocalSearch says; other backends are assumed complete."""
-    text_modes = list(getattr(backend, "text_modes", ALL_TEXT_MODES))
-    manifests = getattr(backend, "manifests", None)
-    if manifests is None:
-        return text_modes, True
-    from tools.index.build import IMAGE_DIR
-
-    return text_modes, IMAGE_DIR in manifests
+    return list(getattr(backend, "text_modes", ALL_TEXT_MODES)), getattr(backend, "has_image_search", True)
 
 
 def create_app(backend: SearchBackend, cfg: ServeConfig) -> FastAPI:

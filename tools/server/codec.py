@@ -22,15 +22,12 @@ class ImageDecodeError(ValueError):
     """A request's image is not base64 or not a readable PNG/JPEG."""
 
 
-def encode_image(image: Image.Image, fmt: str = "PNG") -> str:
+def encode_image(image: Image.Image) -> str:
     """base64 of the image as PNG (lossless; compress_level=1 because CPU time matters more than bytes)."""
     if image.mode not in ("RGB", "RGBA", "L"):
         image = image.convert("RGB")  # P, CMYK, I;16...: search converts to RGB anyway
     buf = io.BytesIO()
-    if fmt.upper() == "PNG":
-        image.save(buf, format="PNG", compress_level=1)
-    else:
-        image.convert("RGB").save(buf, format=fmt)
+    image.save(buf, format="PNG", compress_level=1)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
