@@ -1,0 +1,191 @@
+"""`mmsearch model init-tiny`: a few-million-parameter Qwen2.5-VL policy for the embedded world.
+
+The architecture, processor and chat template are the real Qwen2.5-VL ones, only small: a
+byte-level BPE tokenizer trained on the KB's text (plus the Qwen special tokens and the protocol's
+tags), a 2-block vision tower with patch 14 and spatial merge 2, and a few decoder layers with
+multimodal rotary positions. The saved dir loads with `AutoModelForImageTextToText` and
+`AutoProcessor` like any Qwen2.5-VL checkpoint, so everything downstream treats it as one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Qwen2.5-VL's special tokens (control tokens, never produced by BPE merges).
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+# The protocol's tags: single tokens so that an action's end is one token to stop on. Qwen ships
+# <tool_call> and </tool_call> the same way (added, not special, so they survive decoding).
+PROTOCOL_TOKENS = [
+    "<tool_call>", "</tool_call>", "<think>", "</think>", "<answer>", "</answer>",
+    "<tool_response>", "</tool_response>", "<tools>", "</tools>",
+]
+
+# The Qwen2.5-VL chat template, unchanged in what it renders: each image part becomes
+# <|vision_start|><|image_pad|><|vision_end|>, which the processor expands to the image's tokens.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class TinyTextConfig:
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 6
+    num_key_value_heads: int = 2
+    # Splits head_dim/2 rotary frequencies into (temporal, height, width); must sum to head_dim/2.
+    mrope_section: list[int] = field(default_factory=lambda: [4, 6, 6])
+    max_position_embeddings: int = 8192
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class TinyVisionConfig:
+    depth: int = 2
+    hidden_size: int = 96
+    intermediate_size: int = 256
+    num_heads: int = 4
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 112
+    # The world's scenes (448x336) are seen at 252x168 (54 image tokens); entity images at 140x140.
+    min_pixels: int = 56 * 56
+    max_pixels: int = 224 * 224
+
+
+@dataclass
+class TinyPolicyConfig:
+    kb: str = "runs/world"
+    out: str = "runs/policy"
+    seed: int = 0
+    vocab_size: int = 6000
+    text: TinyTextConfig = field(default_factory=TinyTextConfig)
+    vision: TinyVisionConfig = field(default_factory=TinyVisionConfig)
+
+
+def _kb_texts(kb: Path) -> Iterator[str]:
+    """Everything the policy will read or write: passages, image captions, entity names and facts."""
+    from mmsearch.protocol import tool_prompt_examples
+
+    for name in ("passages.jsonl", "images.jsonl", "entities.jsonl"):
+        path = kb / name
+        if not path.exists():
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the KB reader reports bad lines; the tokenizer only needs text
+                if name == "entities.jsonl":
+                    yield " ".join([record.get("name", ""), *record.get("aliases", [])])
+                    yield " ".join(f"{k}: {v}" for k, v in record.get("facts", {}).items())
+                else:
+                    yield f"{record.get('title', '')}\n{record.get('text', '')}"
+    yield from tool_prompt_examples()
+
+
+def train_tokenizer(kb: Path, vocab_size: int):
+    """A byte-level BPE over the KB's text with Qwen's special tokens, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False,
+        special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(_kb_texts(kb), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_max_length=8192, padding_side="left", clean_up_tokenization_spaces=False,
+    )
+    tokenizer.add_tokens(PROTOCOL_TOKENS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_processor(tokenizer, vision: TinyVisionConfig):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    size = {"shortest_edge": vision.min_pixels, "longest_edge": vision.max_pixels}
+    common = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                  temporal_patch_size=vision.temporal_patch_size, size=size)
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**common),
+        video_processor=Qwen2VLVideoProcessor(**common),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(tokenizer, cfg: TinyPolicyConfig):
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    t, v = cfg.text, cfg.vision
+    head_dim = t.hidden_size // t.num_attention_heads
+    if sum(t.mrope_section) * 2 != head_dim:
+        raise ValueError(f"text.mrope_section {t.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+            num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,
+            out_hidden_size=t.hidden_size, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
+            temporal_patch_size=v.temporal_patch_size, window_size=v.window_size,
+            fullatt_block_indexes=[v.depth - 1],
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(cfg.seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids("<|im_end|>")
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    return model
+
+
+def init_tiny(cfg: TinyPolicyConfig) -> Path:
+    """Train the tokenizer, build processor and model, and save them as one Hugging Face dir."""
+    kb, out = Path(cfg.kb), Path(cfg.out)
+    if not (kb / "passages.jsonl").exists():
+        raise FileNotFoundError(f"{kb} is not a KB dir (no passages.jsonl)")
+    tokenizer = train_tokenizer(kb, cfg.vocab_size)
+    processor = build_processor(tokenizer, cfg.vision)
+    model = build_model(tokenizer, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,216 @@
+"""Trajectories built token-in/token-out (DESIGN.md invariants 1-3).
+
+A trajectory grows in two ways. Generated tokens are appended exactly as the engine produced them
+(mask 1, with the engine's log-probs). Everything else (the prompt, each tool response) is the
+chat template's *delta*: the template renders the whole conversation as text, the text rendered so
+far is cut off its front, and only the rest is tokenized (by the processor, which also expands each
+image into its `<|image_pad|>` run and returns its pixels). Nothing generated is ever decoded and
+re-encoded, so no token drifts between rollout and training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mmsearch.protocol import TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN
+
+
+class TemplateError(RuntimeError):
+    """The chat template re-renders earlier turns differently, so deltas cannot be taken."""
+
+
+@dataclass
+class ToolCallRecord:
+    turn: int
+    name: str
+    arguments: Any
+    result: str
+    is_error: bool
+    new_images: list[int] = field(default_factory=list)  # numbers of the images it returned
+
+
+@dataclass
+class TurnRecord:
+    text: str  # the assistant's text (without its end-of-turn token)
+    action: str  # tool_call | answer | invalid
+    error: str = ""  # why the action was invalid
+    has_think: bool = False
+    n_tokens: int = 0
+    finish_reason: str = "stop"  # stop | length
+
+
+@dataclass
+class Trajectory:
+    example_id: str
+    sample: int  # which of the n samples of this example
+    messages: list[dict]  # DESIGN.md message schema; images referenced by number
+    images: list[Image.Image]  # in order of appearance
+    token_exact: bool = True  # False for text-only engines (openai): no ids, not trainable
+    token_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # engine's log-prob where mask is 1, else 0
+    pixel_values: list[torch.Tensor] = field(default_factory=list)  # one (patches, dim) tensor per image
+    image_grid_thw: list[list[int]] = field(default_factory=list)  # one [t, h, w] per image
+    turns: list[TurnRecord] = field(default_factory=list)
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    final_answer: str | None = None
+    stop_reason: str | None = None  # answered | max_turns | max_tokens | invalid_actions
+    rewards: dict[str, float] = field(default_factory=dict)
+    rendered: str = ""  # the template text so far (image placeholders unexpanded)
+    invalid_streak: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    @property
+    def n_generated(self) -> int:
+        return sum(t.n_tokens for t in self.turns)
+
+    def calls_of(self, tool: str) -> int:
+        return sum(1 for c in self.tool_calls if c.name == tool)
+
+    def grid_tensor(self) -> torch.Tensor | None:
+        return torch.tensor(self.image_grid_thw, dtype=torch.long) if self.image_grid_thw else None
+
+    def pixel_tensor(self) -> torch.Tensor | None:
+        return torch.cat(self.pixel_values) if self.pixel_values else None
+
+    def truncate(self, max_tokens: int, vision_start_id: int) -> None:
+        """Cut ids, mask and log-probs together to at most `max_tokens`, never through an image.
+
+        An image whose placeholder run would be cut is dropped whole (the cut moves to its
+        <|vision_start|>), with its pixels and grid, so invariant 3 still holds.
+        """
+        if len(self.token_ids) <= max_tokens:
+            return
+        cut = max_tokens
+        starts = [i for i, t in enumerate(self.token_ids) if t == vision_start_id]
+        kept = sum(1 for s in starts if s < cut)
+        if kept and self._image_end(starts[kept - 1]) > cut:
+            cut, kept = starts[kept - 1], kept - 1
+        del self.token_ids[cut:], self.loss_mask[cut:], self.logprobs[cut:]
+        del self.pixel_values[kept:], self.image_grid_thw[kept:]
+        self.stop_reason = self.stop_reason or "max_tokens"
+
+    def _image_end(self, start: int) -> int:
+        """Index just past the <|vision_end|> that closes the image starting at `start`."""
+        end = start + 1
+        pad = self.token_ids[start + 1] if start + 1 < len(self.token_ids) else None
+        while end < len(self.token_ids) and self.token_ids[end] == pad:
+            end += 1
+        return end + 1
+
+    def to_record(self) -> dict:
+        """A JSON-able view (images by number) for trajectory logs."""
+        return {
+            "example_id": self.example_id, "sample": self.sample, "messages": self.messages,
+            "final_answer": self.final_answer, "stop_reason": self.stop_reason, "rewards": self.rewards,
+            "turns": [vars(t) for t in self.turns], "tool_calls": [vars(c) for c in self.tool_calls],
+            "n_tokens": len(self.token_ids), "n_generated": self.n_generated, "n_images": len(self.images),
+            "token_exact": self.token_exact,
+        }
+
+
+def template_view(messages: list[dict], images: list[Image.Image] | None = None) -> list[dict]:
+    """The messages as a Qwen-VL chat template renders them.
+
+    Assistant turns are their raw text (the protocol's tags are in it already), and tool results
+    become user turns wrapped in <tool_response>, with their images inline, as DESIGN.md says.
+    With `images`, each image part carries its PIL image under "image" (for chat-level engines).
+    """
+    view = []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "assistant":
+            view.append({"role": "assistant", "content": content})
+            continue
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+        if role == "tool":
+            role = "user"
+            parts = [{"type": "text", "text": TOOL_RESPONSE_OPEN}, *parts, {"type": "text", "text": TOOL_RESPONSE_CLOSE}]
+        view.append({"role": role, "content": [_template_part(p, images) for p in parts]})
+    return view
+
+
+def _template_part(part: dict, images: list[Image.Image] | None) -> dict:
+    if part["type"] != "image":
+        return {"type": "text", "text": part["text"]}
+    return {"type": "image"} if images is None else {"type": "image", "image": images[part["image"]]}
+
+
+class TrajectoryBuilder:
+    """Grows trajectories with one processor (tokenizer + image processor + chat template)."""
+
+    def __init__(self, processor, end_of_turn: str = "<|im_end|>"):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.end_of_turn = end_of_turn
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.vision_start_id = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(
+            template_view(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def start(self, example_id: str, sample: int, system: str, question: str, images: list[Image.Image],
+              token_exact: bool = True) -> Trajectory:
+        user = [*({"type": "image", "image": i} for i in range(len(images))), {"type": "text", "text": question}]
+        traj = Trajectory(example_id, sample, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+                          images=list(images), token_exact=token_exact)
+        self._append_delta(traj, list(images))
+        return traj
+
+    def add_generation(self, traj: Trajectory, token_ids: list[int], logprobs: list[float] | None) -> str:
+        """Append generated tokens verbatim (mask 1); return the turn's text without its end-of-turn token."""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
+        traj.token_ids += token_ids
+        traj.loss_mask += [1] * len(token_ids)
+        traj.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(token_ids)
+        traj.rendered += text
+        return text[: -len(self.end_of_turn)] if text.endswith(self.end_of_turn) else text
+
+    def add_tool_response(self, traj: Trajectory, text: str, images: list[Image.Image]) -> int:
+        """Append a tool response (with its new images) as the template's delta; return its token count."""
+        first = len(traj.images)
+        parts = [{"type": "text", "text": text}, *({"type": "image", "image": first + i} for i in range(len(images)))]
+        traj.messages.append({"role": "tool", "content": parts})
+        traj.images += images
+        return self._append_delta(traj, images)
+
+    def _append_delta(self, traj: Trajectory, images: list[Image.Image]) -> int:
+        if not traj.token_exact:
+            return 0
+        full = self.render(traj.messages, add_generation_prompt=True)
+        if not full.startswith(traj.rendered):
+            raise TemplateError(
+                "the chat template renders earlier turns differently once a turn is added (does it strip "
+                "thinking from past turns?), so token-exact deltas are impossible; use a prefix-stable template"
+            )
+        delta, traj.rendered = full[len(traj.rendered):], full
+        out = self.processor(text=[delta], images=images or None, return_tensors="pt")
+        ids = out["input_ids"][0].tolist()
+        traj.token_ids += ids
+        traj.loss_mask += [0] * len(ids)
+        traj.logprobs += [0.0] * len(ids)
+        if images:
+            grids = out["image_grid_thw"]
+            traj.image_grid_thw += grids.tolist()
+            traj.pixel_values += list(torch.split(out["pixel_values"], grids.prod(-1).tolist()))
+        return len(ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def clip_text(self, text: str, max_tokens: int) -> str:
+        """`text` cut to `max_tokens` tokens, with a marker saying how much was cut."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            return text
+        kept = self.tokenizer.decode(ids[:max_tokens], skip_special_tokens=False)
+        return f"{kept} … [truncated {len(ids) - max_tokens} tokens]"
