@@ -94,7 +94,7 @@ def parse_action(text: str) -> Action:
     spans, error = _spans(text)
     thinks = [s for s in spans if s.tag == "think"]
     thinking = "\n".join(text[s.inner_start:s.inner_end].strip() for s in thinks)
-    base = dict(thinking=thinking, has_think=bool(thinks))
+    base = {"thinking": thinking, "has_think": bool(thinks)}
     if error:
         return Action("invalid", error=error, **base)
     actions = [s for s in spans if s.tag != "think"]

@@ -143,6 +143,22 @@ def _template_part(part: dict, images: list[Image.Image] | None) -> dict:
     return {"type": "image"} if images is None else {"type": "image", "image": images[part["image"]]}
 
 
+def new_trajectory(example_id: str, sample: int, system: str, question: str, images: list[Image.Image],
+                   token_exact: bool) -> Trajectory:
+    """The system prompt and the question, its images numbered 0.. (messages only, no tokens yet)."""
+    user = [*({"type": "image", "image": i} for i in range(len(images))), {"type": "text", "text": question}]
+    return Trajectory(example_id, sample, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+                      images=list(images), token_exact=token_exact)
+
+
+def add_tool_message(traj: Trajectory, text: str, images: list[Image.Image], **fields) -> None:
+    """Append a tool message; its images get the next numbers. `fields`: tool_call_id, name (OpenAI schema)."""
+    first = len(traj.images)
+    parts = [{"type": "text", "text": text}, *({"type": "image", "image": first + i} for i in range(len(images)))]
+    traj.messages.append({"role": "tool", **fields, "content": parts})
+    traj.images += images
+
+
 class TrajectoryBuilder:
     """Grows trajectories with one processor (tokenizer + image processor + chat template)."""
 
@@ -160,27 +176,28 @@ class TrajectoryBuilder:
 
     def start(self, example_id: str, sample: int, system: str, question: str, images: list[Image.Image],
               token_exact: bool = True) -> Trajectory:
-        user = [*({"type": "image", "image": i} for i in range(len(images))), {"type": "text", "text": question}]
-        traj = Trajectory(example_id, sample, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
-                          images=list(images), token_exact=token_exact)
+        traj = new_trajectory(example_id, sample, system, question, images, token_exact)
         self._append_delta(traj, list(images))
         return traj
 
     def add_generation(self, traj: Trajectory, token_ids: list[int], logprobs: list[float] | None) -> str:
-        """Append generated tokens verbatim (mask 1); return the turn's text without its end-of-turn token."""
+        """Append generated tokens verbatim (mask 1) and the assistant message; return the turn's text.
+
+        The message's text is the decoded turn without its end-of-turn token, which is how the
+        template renders it back, so the rendering stays a prefix of the next one.
+        """
         text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
         traj.token_ids += token_ids
         traj.loss_mask += [1] * len(token_ids)
         traj.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(token_ids)
         traj.rendered += text
-        return text[: -len(self.end_of_turn)] if text.endswith(self.end_of_turn) else text
+        text = text.removesuffix(self.end_of_turn)
+        traj.messages.append({"role": "assistant", "content": text})
+        return text
 
-    def add_tool_response(self, traj: Trajectory, text: str, images: list[Image.Image]) -> int:
+    def add_tool_response(self, traj: Trajectory, text: str, images: list[Image.Image], **fields) -> int:
         """Append a tool response (with its new images) as the template's delta; return its token count."""
-        first = len(traj.images)
-        parts = [{"type": "text", "text": text}, *({"type": "image", "image": first + i} for i in range(len(images)))]
-        traj.messages.append({"role": "tool", "content": parts})
-        traj.images += images
+        add_tool_message(traj, text, images, **fields)
         return self._append_delta(traj, images)
 
     def _append_delta(self, traj: Trajectory, images: list[Image.Image]) -> int:

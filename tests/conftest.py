@@ -59,3 +59,31 @@ def search(index_dir: Path):
     from tools.search.local import LocalSearch
 
     return LocalSearch(index_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def policy_dir(world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The untrained tiny Qwen2.5-VL policy (tokenizer trained on the small world)."""
+    from mmsearch.model.tiny import TinyPolicyConfig, init_tiny
+
+    out = tmp_path_factory.mktemp("policy") / "tiny"
+    return init_tiny(TinyPolicyConfig(kb=str(world_dir), out=str(out)))
+
+
+@pytest.fixture(scope="session")
+def hf_engine(policy_dir: Path):
+    from mmsearch.engines.hf import HFEngine
+
+    return HFEngine.from_pretrained(str(policy_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def toolbox(search, hf_engine):
+    """The real three tools over the small world's indexes, resizing as the tiny policy's processor does."""
+    from mmsearch.agent.setup import vision_from_processor
+    from tools.config import ToolsConfig
+    from tools.registry import build_toolbox
+
+    cfg = ToolsConfig()
+    cfg.vision = vision_from_processor(hf_engine.processor, cfg.vision)
+    return build_toolbox(cfg, search)

@@ -8,7 +8,7 @@ returns text; its trajectories carry no token ids and are refused for training.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -21,6 +21,9 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k
     max_new_tokens: int = 256
     seed: int | None = None
+    # Never sampled: the vision placeholders (<|image_pad|>, <|vision_start|>, ...). A generated one
+    # would claim an image that does not exist and break the next forward pass.
+    suppress_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -30,6 +33,7 @@ class GenerationRequest:
     pixel_values: torch.Tensor | None = None  # the processor's output for `images`, concatenated
     image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
     max_new_tokens: int | None = None  # per-request cap below SamplingParams.max_new_tokens
+    trajectory: Any = None  # the trajectory being continued; only policies that plan from it (scripted) read it
 
 
 @dataclass

@@ -133,8 +133,8 @@ def build_processor(tokenizer, vision: TinyVisionConfig):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     size = {"shortest_edge": vision.min_pixels, "longest_edge": vision.max_pixels}
-    common = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
-                  temporal_patch_size=vision.temporal_patch_size, size=size)
+    common = {"patch_size": vision.patch_size, "merge_size": vision.spatial_merge_size,
+                  "temporal_patch_size": vision.temporal_patch_size, "size": size}
     return Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(**common),
         video_processor=Qwen2VLVideoProcessor(**common),
@@ -153,19 +153,19 @@ def build_model(tokenizer, cfg: TinyPolicyConfig):
         raise ValueError(f"text.mrope_section {t.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-            num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
-            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-        ),
-        vision_config=dict(
-            depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,
-            out_hidden_size=t.hidden_size, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
-            temporal_patch_size=v.temporal_patch_size, window_size=v.window_size,
-            fullatt_block_indexes=[v.depth - 1],
-        ),
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads, "max_position_embeddings": t.max_position_embeddings,
+            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
+            "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"), "pad_token_id": ids("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size, "num_heads": v.num_heads,
+            "out_hidden_size": t.hidden_size, "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size,
+            "temporal_patch_size": v.temporal_patch_size, "window_size": v.window_size,
+            "fullatt_block_indexes": [v.depth - 1],
+        },
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=True,
