@@ -173,3 +173,19 @@ def test_truncate_cuts_ids_mask_logprobs_together_and_never_through_an_image(wor
     n = len(traj.token_ids)
     traj.truncate(n - 3, start_id)  # a plain cut in text
     assert len(traj.token_ids) == len(traj.loss_mask) == len(traj.logprobs) == n - 3
+
+
+def test_checkpoint_generation_config_does_not_change_sampling(hf_engine):
+    """Qwen checkpoints ship top_k/top_p/repetition_penalty defaults; generate() must not apply them behind our back."""
+    ids = hf_engine.tokenizer("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    params, stop = SamplingParams(temperature=1.0, max_new_tokens=12, seed=3), [hf_engine.tokenizer.eos_token_id]
+    before = hf_engine.generate([GenerationRequest(ids)], params, stop)[0]
+    config = hf_engine.model.generation_config
+    saved = (config.top_k, config.top_p, config.repetition_penalty)
+    config.top_k, config.top_p, config.repetition_penalty = 1, 0.01, 1.5
+    try:
+        after = hf_engine.generate([GenerationRequest(ids)], params, stop)[0]
+    finally:
+        config.top_k, config.top_p, config.repetition_penalty = saved
+    assert after.token_ids == before.token_ids
+    assert after.logprobs == pytest.approx(before.logprobs, abs=1e-6)

@@ -67,6 +67,9 @@ class AgentLoop:
         """Roll out every example `n_samples` times; trajectories in (example, sample) order."""
         start = time.perf_counter()
         trajectories = [self._start(ex, s) for ex in examples for s in range(n_samples)]
+        for traj in trajectories:
+            if traj.done:  # the prompt alone exceeds max_total_tokens; hooks still see every trajectory end
+                self.on_event(traj, "done", None)
         active = [t for t in trajectories if not t.done]
         turn = 0
         while active:

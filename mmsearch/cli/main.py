@@ -21,6 +21,10 @@ HANDLERS = {
     ("search", "image"): "mmsearch.cli.commands:search_image",
     ("serve",): "mmsearch.cli.commands:serve",
     ("demo", "tools"): "mmsearch.cli.demo:demo_tools",
+    ("demo", "questions"): "mmsearch.cli.demo:demo_questions",
+    ("model", "init-tiny"): "mmsearch.cli.agent_commands:model_init_tiny",
+    ("eval",): "mmsearch.cli.agent_commands:eval_run",
+    ("ask",): "mmsearch.cli.agent_commands:ask",
 }
 
 
@@ -70,11 +74,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     _job_args(p)
 
+    model = sub.add_parser("model", help="policies").add_subparsers(dest="action", required=True)
+    p = model.add_parser("init-tiny", help="build the tiny Qwen2.5-VL policy (tokenizer trained on a KB)")
+    p.add_argument("--kb", help="KB dir whose text trains the tokenizer")
+    p.add_argument("--out", help="model + processor dir to write")
+    _job_args(p)
+
+    p = sub.add_parser("eval", help="run the agent over a split and report EM/F1, tool use and cost")
+    p.add_argument("--data", help="dataset dir, or JSONL/Parquet file (generic, InfoSeek, FVQA/MMSearch-R1)")
+    p.add_argument("--split")
+    p.add_argument("--limit", type=int, help="first N examples")
+    p.add_argument("--out", help="dir for trajectories.jsonl, summary.json, report.md")
+    _policy_args(p)
+
+    p = sub.add_parser("ask", help="ask the agent one question about an image and watch it work")
+    p.add_argument("question")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--out", default="runs/ask", help="dir for the images tools return (crops)")
+    p.add_argument("--json", action="store_true", help="print the trajectory as JSON")
+    _policy_args(p)
+
     demo = sub.add_parser("demo", help="show the stack on the embedded world").add_subparsers(dest="action", required=True)
     p = demo.add_parser("tools", help="crop, image_search and text_search on a world scene")
     p.add_argument("--kb", required=True, help="KB dir (the world)")
     p.add_argument("--index", required=True, help="index dir")
+    p = demo.add_parser("questions", help="write a few world questions as JSONL (for ask/eval before synthesis)")
+    p.add_argument("--kb", required=True, help="KB dir (the world)")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--n", type=int, default=8)
     return parser
+
+
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="policy dir (local hf engine) or an OpenAI-compatible URL")
+    p.add_argument("--api-base", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--served-model", help="model name at the endpoint")
+    p.add_argument("--index", help="index dir (in-process search)")
+    p.add_argument("--server", action="append", help="tool-server URL (repeat for replicas)")
+    _job_args(p)
 
 
 def _search_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +122,14 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come after options (argparse only collects them right after the positionals).
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)  # it sets itself to DEBUG
     # Our jobs show their own progress; per-file weight-loading bars from the hub libraries are noise.

@@ -111,10 +111,13 @@ class HFEngine:
         recorder = _RecordLogprobs(params)
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        # A fresh config, not the checkpoint's: its penalties and warpers would run outside our recorder.
-        # The recorder applies temperature/top-k/top-p itself, after recording the untruncated log-probs.
+        # generate() fills every unset field from the checkpoint's generation_config (Qwen ships top_k=1,
+        # repetition_penalty=1.05, ...), which would run outside our recorder; so all of them are set
+        # neutral here, and the recorder applies temperature/top-k/top-p after recording the log-probs.
+        sampling = params.temperature > 0
         config = GenerationConfig(
-            max_new_tokens=max(limits), do_sample=params.temperature > 0, temperature=1.0, top_p=1.0, top_k=0,
+            max_new_tokens=max(limits), do_sample=sampling, repetition_penalty=1.0,
+            **({"temperature": 1.0, "top_p": 1.0, "top_k": 0} if sampling else {}),
             eos_token_id=list(stop_token_ids), pad_token_id=self.pad_id, return_dict_in_generate=True,
         )
         out = self.model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList([recorder]))
