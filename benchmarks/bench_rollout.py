@@ -19,6 +19,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from mmsearch.agent.config import AgentConfig, SamplingConfig
@@ -70,33 +71,38 @@ def main() -> None:
     parser.add_argument("--index", required=True)
     parser.add_argument("--policy", required=True)
     parser.add_argument("--trajectories", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[32, 128], help="max new tokens per turn (one row each)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
     engine = HFEngine.from_pretrained(args.policy, device="cpu")
-    agent = AgentConfig(max_turns=4, max_new_tokens_per_turn=32, max_invalid_streak=4,
-                        sampling=SamplingConfig(temperature=1.0, seed=0))
-    cfg = RolloutConfig(agent=agent, index=args.index)
-    cfg.engine.device = "cpu"
     items = examples(Path(args.kb), args.trajectories)
-    tiny = build_loop(cfg, engine=engine)
-    scripted = AgentLoop(ScriptedEngine(engine.tokenizer, scripted_turn), tiny.toolbox, tiny.builder, agent)
-    measure(tiny, items[:2], batched=True)  # warm-up: first-call allocations, index pages, thread pools
-
+    header = ("| policy | new tokens/turn | mode | wall s | trajectories/s | generated tok/s | tool calls | generate | "
+              "tools | bookkeeping |\n|---|---|---|---|---|---|---|---|---|---|")
     rows, results = [], {}
-    for name, loop in (("tiny", tiny), ("scripted+tools", scripted)):
-        one = measure(loop, items, batched=False)
-        many = measure(loop, items, batched=True)
-        speedup = many["trajectories_per_s"] / one["trajectories_per_s"]
-        results[name] = {"sequential": one, "batched": many, "speedup": speedup}
-        for mode, r in (("one at a time", one), (f"batched ({len(items)})", many)):
-            rows.append(f"| {name} | {mode} | {r['wall_s']:.2f} | {r['trajectories_per_s']:.2f} | "
-                        f"{r['generated_tokens_per_s']:.0f} | {r['tool_calls']} | {100 * r['share_generate']:.0f}% | "
-                        f"{100 * r['share_tools']:.0f}% | {100 * r['share_bookkeeping']:.0f}% |")
-        rows.append(f"| {name} | **speedup** | | **{speedup:.2f}x** | | | | | |")
-    print(f"{len(items)} trajectories, max 4 turns x 32 new tokens, CPU, torch threads as default\n")
-    print("| policy | mode | wall s | trajectories/s | generated tok/s | tool calls | generate | tools | bookkeeping |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    for new_tokens in args.new_tokens:
+        agent = AgentConfig(max_turns=4, max_new_tokens_per_turn=new_tokens, max_invalid_streak=4,
+                            sampling=SamplingConfig(temperature=1.0, seed=0))
+        cfg = RolloutConfig(agent=agent, index=args.index)
+        cfg.engine.device = "cpu"
+        tiny = build_loop(cfg, engine=engine)
+        loops = [("tiny", tiny)]
+        if new_tokens == args.new_tokens[0]:
+            loops.append(("scripted+tools", AgentLoop(ScriptedEngine(engine.tokenizer, scripted_turn), tiny.toolbox,
+                                                      tiny.builder, agent)))
+        measure(tiny, items[:2], batched=True)  # warm-up: first-call allocations, index pages, thread pools
+        for name, loop in loops:
+            one = measure(loop, items, batched=False)
+            many = measure(loop, items, batched=True)
+            speedup = many["trajectories_per_s"] / one["trajectories_per_s"]
+            results[f"{name}@{new_tokens}"] = {"sequential": one, "batched": many, "speedup": speedup}
+            for mode, r in (("one at a time", one), (f"batched ({len(items)})", many)):
+                rows.append(f"| {name} | {new_tokens} | {mode} | {r['wall_s']:.2f} | {r['trajectories_per_s']:.2f} | "
+                            f"{r['generated_tokens_per_s']:.0f} | {r['tool_calls']} | {100 * r['share_generate']:.0f}% | "
+                            f"{100 * r['share_tools']:.0f}% | {100 * r['share_bookkeeping']:.0f}% |")
+            rows.append(f"| {name} | {new_tokens} | **speedup** | | **{speedup:.2f}x** | | | | | |")
+    print(f"{len(items)} trajectories, at most 4 turns, CPU, torch threads {torch.get_num_threads()}\n")
+    print(header)
     print("\n".join(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

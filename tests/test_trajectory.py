@@ -127,9 +127,13 @@ def _grow(builder, engine, trajectories, world_dir, turns=2):
 
 def test_recomputed_logprobs_match_engine_with_tool_images(world_dir, hf_engine):
     builder = TrajectoryBuilder(hf_engine.processor)
-    # Different prompt lengths so the batch is left-padded at generation and right-padded at scoring.
-    trajectories = [builder.start("e", i, "You are a test.", "Which nation?" + " again" * 3 * i, [_scene(world_dir)])
+    # Different prompt lengths so the batch is padded at generation and right-padded at scoring; the
+    # long shared system prompt makes the engine encode it once and share its KV cache across rows.
+    system = "You are a careful test agent. " * 12
+    trajectories = [builder.start("e", i, system, "Which nation?" + " again" * 3 * i, [_scene(world_dir)])
                     for i in range(3)]
+    requests = [GenerationRequest(t.token_ids) for t in trajectories]
+    assert hf_engine.shared_prefix_len(requests) > 32
     _grow(builder, hf_engine, trajectories, world_dir)
     assert all(len(t.images) == 3 for t in trajectories)
     batch = collate(trajectories, hf_engine.pad_id, hf_engine.image_token_id)
@@ -147,10 +151,12 @@ def test_recomputed_logprobs_match_engine_with_tool_images(world_dir, hf_engine)
     assert (wrong[mask] - batch["rollout_logprobs"][mask]).abs().max().item() > 100 * max(diff, 1e-6)
 
 
-def test_greedy_generation_is_deterministic_and_batch_independent(world_dir, hf_engine):
+@pytest.mark.parametrize("system", ["You are a test.", "You are a careful test agent. " * 12])
+def test_greedy_generation_is_deterministic_and_batch_independent(world_dir, hf_engine, system):
+    """A request gives the same tokens alone and in a batch (padded, and with a shared-prefix cache)."""
     builder = TrajectoryBuilder(hf_engine.processor)
-    a = builder.start("e", 0, "You are a test.", "Which nation?", [_scene(world_dir)])
-    b = builder.start("e", 1, "You are a test.", "Which nation is it, really?", [_scene(world_dir)])
+    a = builder.start("e", 0, system, "Which nation?", [_scene(world_dir)])
+    b = builder.start("e", 1, system, "Which nation is it, really?", [_scene(world_dir)])
     stop = [hf_engine.tokenizer.convert_tokens_to_ids("<|im_end|>")]
     params = SamplingParams(temperature=0.0, max_new_tokens=8)
     alone = hf_engine.generate([GenerationRequest(a.token_ids, a.images, a.pixel_tensor(), a.grid_tensor())], params, stop)

@@ -28,6 +28,9 @@ def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int, video_token_
     return types
 
 
+MIN_SHARED_PREFIX = 32  # shorter shared prefixes are not worth a separate forward pass
+
+
 class _RecordLogprobs(LogitsProcessor):
     """Keeps log p(sampled token) per step, then applies the sampling warpers itself.
 
@@ -79,6 +82,7 @@ class HFEngine:
         config = model.config
         self.image_token_id = config.image_token_id
         self.video_token_id = getattr(config, "video_token_id", None)
+        self.vision_start_id = getattr(config, "vision_start_token_id", None)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "auto", dtype: str = "auto", max_batch: int = 64) -> HFEngine:
@@ -106,7 +110,10 @@ class HFEngine:
     @torch.inference_mode()
     def _generate_batch(self, requests: list[GenerationRequest], params: SamplingParams,
                         stop_token_ids: list[int]) -> list[GenerationOutput]:
-        inputs = self.batch_inputs(requests)
+        prefix = self.shared_prefix_len(requests)
+        inputs = self.batch_inputs(requests, prefix)
+        extra = {"past_key_values": self._prefix_cache(inputs["input_ids"][:1, :prefix], len(requests))} if prefix else {}
+        self.model.model.rope_deltas = None  # never continue from the previous call's positions
         limits = [min(r.max_new_tokens or params.max_new_tokens, params.max_new_tokens) for r in requests]
         recorder = _RecordLogprobs(params)
         if params.seed is not None:
@@ -120,7 +127,8 @@ class HFEngine:
             **({"temperature": 1.0, "top_p": 1.0, "top_k": 0} if sampling else {}),
             eos_token_id=list(stop_token_ids), pad_token_id=self.pad_id, return_dict_in_generate=True,
         )
-        out = self.model.generate(**inputs, generation_config=config, logits_processor=LogitsProcessorList([recorder]))
+        out = self.model.generate(**inputs, **extra, generation_config=config,
+                                  logits_processor=LogitsProcessorList([recorder]))
         generated = out.sequences[:, inputs["input_ids"].shape[1]:]
         logprobs = recorder.finish(generated[:, -1])
         stops = set(stop_token_ids)
@@ -134,14 +142,46 @@ class HFEngine:
                 results.append(GenerationOutput(ids[:limit], logprobs[row, :limit].tolist(), "length"))
         return results
 
-    def batch_inputs(self, requests: list[GenerationRequest]) -> dict[str, torch.Tensor]:
-        """Left-padded ids, attention mask, modality types, and every request's images in order."""
-        longest = max(len(r.token_ids) for r in requests)
+    def shared_prefix_len(self, requests: list[GenerationRequest]) -> int:
+        """Length of the text prefix every request shares (the system prompt), if worth caching.
+
+        It stops before the first image, so every image's tokens and pixels stay in the part the
+        model encodes in this call. Below MIN_SHARED_PREFIX tokens, or for one request, sharing
+        saves nothing.
+        """
+        if len(requests) < 2:
+            return 0
+        first = requests[0].token_ids
+        n = min(len(r.token_ids) for r in requests) - 1  # at least one token of each request is encoded now
+        for r in requests[1:]:
+            n = next((i for i, (a, b) in enumerate(zip(first[:n], r.token_ids[:n])) if a != b), n)
+        vision = {self.image_token_id, self.video_token_id, self.vision_start_id}
+        n = next((i for i, t in enumerate(first[:n]) if t in vision), n)
+        return n if n >= MIN_SHARED_PREFIX else 0
+
+    def _prefix_cache(self, prefix_ids: torch.Tensor, batch: int):
+        """The shared prefix's KV cache, computed once and repeated for every row of the batch."""
+        out = self.model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    def batch_inputs(self, requests: list[GenerationRequest], prefix: int = 0) -> dict[str, torch.Tensor]:
+        """Padded ids, attention mask, modality types, and every request's images in order.
+
+        Rows are left-padded; with a shared `prefix`, the padding goes right after it instead, so the
+        prefix sits at the same positions in every row and one KV cache serves them all. The mask
+        hides the gap, and positions (1-D and multimodal) are counted over unmasked tokens only.
+        """
+        longest = prefix + max(len(r.token_ids) - prefix for r in requests)
         ids = torch.full((len(requests), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), longest), dtype=torch.long)
         for row, r in enumerate(requests):
-            ids[row, longest - len(r.token_ids):] = torch.tensor(r.token_ids)
-            mask[row, longest - len(r.token_ids):] = 1
+            rest = len(r.token_ids) - prefix
+            ids[row, :prefix] = torch.tensor(r.token_ids[:prefix], dtype=torch.long)
+            ids[row, longest - rest:] = torch.tensor(r.token_ids[prefix:], dtype=torch.long)
+            mask[row, :prefix] = 1
+            mask[row, longest - rest:] = 1
         inputs = {"input_ids": ids, "attention_mask": mask,
                   "mm_token_type_ids": mm_token_type_ids(ids, self.image_token_id, self.video_token_id)}
         pixels = [r.pixel_values for r in requests if r.pixel_values is not None]
