@@ -40,11 +40,18 @@ def main() -> None:
     if not (index / "image" / "manifest.json").exists():
         run(mmsearch + ["index", "build", "--kb", str(world), "--out", str(index), f"image_encoder.name={clip}"])
 
+    policy = out / "policy"
+    if not (policy / "config.json").exists():
+        run(mmsearch + ["model", "init-tiny", "--config", "configs/model/tiny.yaml", "--kb", str(world), "--out", str(policy)])
+
     sections = [
         ("In-process search", [sys.executable, "benchmarks/bench_search.py", "--index", str(index),
                                "--json", str(out / "search.json")]),
         ("Tool server vs one-at-a-time server", [sys.executable, "benchmarks/bench_server.py", "--index", str(index),
                                                  "--json", str(out / "server.json")]),
+        ("Agent rollouts: batched loop vs one at a time", [sys.executable, "benchmarks/bench_rollout.py", "--kb", str(world),
+                                                           "--index", str(index), "--policy", str(policy),
+                                                           "--json", str(out / "rollout.json")]),
     ]
     report = []
     for title, cmd in sections:
