@@ -55,6 +55,8 @@ class AgentLoop:
         self.on_event = on_event or (lambda traj, kind, payload: None)
         self.system = system_prompt(toolbox.schemas())
         self.timings = Timings()
+        self.stop_token_ids: list[int] = []
+        self.suppress_token_ids: list[int] = []
         if builder is not None:
             tok = builder.tokenizer
             stops = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
@@ -110,7 +112,7 @@ class AgentLoop:
         s = self.cfg.sampling
         params = SamplingParams(s.temperature, s.top_p, s.top_k, self.cfg.max_new_tokens_per_turn,
                                 seed=None if s.seed is None else s.seed + turn,
-                                suppress_token_ids=getattr(self, "suppress_token_ids", []))
+                                suppress_token_ids=self.suppress_token_ids)
         t0 = time.perf_counter()
         if self.engine.token_level:
             requests = [GenerationRequest(t.token_ids, t.images, t.pixel_tensor(), t.grid_tensor(), self._budget(t), t)

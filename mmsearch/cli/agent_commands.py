@@ -52,11 +52,12 @@ def eval_run(args) -> int:
 def ask(args) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from mmsearch.agent.setup import RolloutConfig, build_loop
+    from mmsearch.agent.setup import build_loop
     from mmsearch.cli.ask_view import AskPrinter
+    from mmsearch.eval.run import EvalConfig
     from mmsearch.example import Example
 
-    cfg = _load(RolloutConfig, args, **_engine_flags(args))
+    cfg = _load(EvalConfig, args, **_engine_flags(args))  # eval configs work for ask too (data keys unused)
     try:
         with Image.open(args.image) as img:
             image = img.convert("RGB")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def demo_questions(args) -> int:
     kb = Path(args.kb).resolve()
     entities = {e["id"]: e for e in map(json.loads, (kb / "entities.jsonl").read_text().splitlines())}
     images = [r for r in map(json.loads, (kb / "images.jsonl").read_text().splitlines()) if r.get("entity_id") in entities]
+    # Interleave kinds (first nation, first city, ..., second nation, ...) so a few questions cover them all.
+    by_kind: dict[str, list[dict]] = {}
+    for record in images:
+        by_kind.setdefault(entities[record["entity_id"]]["kind"], []).append(record)
+    images = [r for group in itertools.zip_longest(*by_kind.values()) for r in group if r is not None]
     questions = []
     for record in images:
         entity = entities[record["entity_id"]]
