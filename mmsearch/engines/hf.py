@@ -113,7 +113,8 @@ class HFEngine:
         prefix = self.shared_prefix_len(requests)
         inputs = self.batch_inputs(requests, prefix)
         extra = {"past_key_values": self._prefix_cache(inputs["input_ids"][:1, :prefix], len(requests))} if prefix else {}
-        self.model.model.rope_deltas = None  # never continue from the previous call's positions
+        if hasattr(self.model.model, "rope_deltas"):
+            self.model.model.rope_deltas = None  # Qwen-VL caches multimodal position offsets between calls
         limits = [min(r.max_new_tokens or params.max_new_tokens, params.max_new_tokens) for r in requests]
         recorder = _RecordLogprobs(params)
         if params.seed is not None:
