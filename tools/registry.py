@@ -1,4 +1,4 @@
-"""Build the toolbox the policy uses from config and a search backend."""
+"""Build the toolbox the policy uses from config and a search backend (in-process or a tool server)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,14 @@ def build_toolbox(cfg: ToolsConfig, backend: SearchBackend | None) -> Toolbox:
         backend = CachedSearch(backend, cfg.cache_dir)
     tools: list[Tool] = [TOOL_BUILDERS[name](backend, cfg) for name in cfg.enabled]
     return Toolbox(tools, timeout_s=cfg.timeout_s)
+
+
+def open_backend(index: str, servers: list[str], cfg: ToolsConfig, device: str = "auto") -> SearchBackend:
+    """Search through the tool-server replicas in `servers`, or in-process over the `index` dir."""
+    if servers:
+        from tools.server.client import SearchClient
+
+        return SearchClient(servers, timeout_s=cfg.timeout_s)
+    from tools.search.local import LocalSearch
+
+    return LocalSearch(index, device=device, default_mode=cfg.text_mode)

@@ -25,7 +25,7 @@ def is_url(model: str) -> bool:
     return model.startswith(("http://", "https://"))
 
 
-def build_engine(cfg: EngineConfig):
+def build_engine(cfg: EngineConfig, max_images: int = 8):
     if cfg.kind == "hf":
         from mmsearch.engines.hf import HFEngine
 
@@ -33,7 +33,7 @@ def build_engine(cfg: EngineConfig):
     if cfg.kind == "vllm":
         from mmsearch.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(cfg.model, dtype=cfg.dtype)
+        return VLLMEngine(cfg.model, dtype=cfg.dtype, max_images_per_prompt=max_images)
     if cfg.kind == "openai":
         from mmsearch.engines.openai_chat import OpenAIChatEngine
 
@@ -65,23 +65,19 @@ def vision_from_processor(processor, default: VisionResizeConfig) -> VisionResiz
 
 
 def build_backend(cfg: RolloutConfig):
-    needs_search = any(name != "crop" for name in cfg.tools.enabled)
-    if not needs_search:
+    """The search backend, or None when only crop is enabled."""
+    from tools.registry import open_backend
+
+    if all(name == "crop" for name in cfg.tools.enabled):
         return None
-    if cfg.server:
-        from tools.server.client import SearchClient
-
-        return SearchClient(cfg.server)
-    from tools.search.local import LocalSearch
-
-    return LocalSearch(cfg.index, device=cfg.engine.device if cfg.engine.kind == "hf" else "auto",
-                       default_mode=cfg.tools.text_mode)
+    device = cfg.engine.device if cfg.engine.kind == "hf" else "auto"
+    return open_backend(cfg.index, cfg.server, cfg.tools, device=device)
 
 
 def build_loop(cfg: RolloutConfig, engine=None, on_event: EventHook | None = None) -> AgentLoop:
     from tools.registry import build_toolbox
 
-    engine = engine or build_engine(cfg.engine)
+    engine = engine or build_engine(cfg.engine, max_images=cfg.agent.max_images)
     processor = getattr(engine, "processor", None) or load_processor(cfg.engine)
     cfg.tools.vision = vision_from_processor(processor, cfg.tools.vision)
     toolbox = build_toolbox(cfg.tools, build_backend(cfg))

@@ -45,13 +45,9 @@ def index_build(args) -> int:
 
 
 def _backend(cfg):
-    if cfg.server:
-        from tools.server.client import SearchClient
+    from tools.registry import open_backend
 
-        return SearchClient(cfg.server, timeout_s=cfg.tools.timeout_s)
-    from tools.search.local import LocalSearch
-
-    return LocalSearch(cfg.index, device=cfg.device, default_mode=cfg.tools.text_mode)
+    return open_backend(cfg.index, cfg.server, cfg.tools, device=cfg.device)
 
 
 def _search_config(args):
