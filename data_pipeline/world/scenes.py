@@ -81,13 +81,13 @@ def plan_scenes(pictures: list[Picture], count: int, seed: int, size: tuple[int,
         placed = []
         for picture, cell in zip(chosen, sorted(rng.sample(range(9), want)), strict=True):
             row, col = divmod(cell, 3)
-            placed.append(_place(rng, picture, xs[col], ys[row], xs[col + 1], ys[row + 1], POSITIONS[row][col]))
+            placed.append(place_in_cell(rng, picture, xs[col], ys[row], xs[col + 1], ys[row + 1], POSITIONS[row][col]))
         scene_id = f"scene_{index:06d}"
         scenes.append(Scene(scene_id, f"scenes/{scene_id}.png", width, height, tuple(placed), seed))
     return scenes
 
 
-def _place(rng: random.Random, picture: Picture, x0: int, y0: int, x1: int, y1: int, position: str) -> SceneObject:
+def place_in_cell(rng: random.Random, picture: Picture, x0: int, y0: int, x1: int, y1: int, position: str) -> SceneObject:
     """Scale the picture to fill most of its cell and drop it somewhere inside."""
     room_w, room_h = x1 - x0 - 2 * CELL_PADDING, y1 - y0 - 2 * CELL_PADDING
     w, h = picture.size
@@ -100,7 +100,7 @@ def _place(rng: random.Random, picture: Picture, x0: int, y0: int, x1: int, y1: 
 
 def render_scene(scene: Scene) -> Image.Image:
     rng = derive_rng(scene.seed, "scene-background", scene.id)
-    img = _clutter(rng, (scene.width, scene.height))
+    img = clutter(rng, (scene.width, scene.height))
     for obj in scene.objects:
         x1, y1, x2, y2 = obj.bbox
         img.paste(render(obj.picture.design, obj.picture.size).resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
@@ -112,7 +112,7 @@ def _muted(rng: random.Random) -> tuple[int, int, int]:
     return tuple((rng.randint(40, 220) + 128) // 2 for _ in range(3))  # type: ignore[return-value]
 
 
-def _clutter(rng: random.Random, size: tuple[int, int]) -> Image.Image:
+def clutter(rng: random.Random, size: tuple[int, int]) -> Image.Image:
     w, h = size
     img = Image.new("RGB", size, _muted(rng))
     d = ImageDraw.Draw(img)

@@ -125,7 +125,7 @@ class AgentLoop:
         else:
             budgets = [self._budget(t) for t in active]
             params.max_new_tokens = max(budgets)
-            replies = self.engine.chat([template_view(t.messages, t.images) for t in active], params)
+            replies = self.engine.chat([template_view(t.messages, t.images) for t in active], params, trajectories=active)
             texts = []
             for traj, reply in zip(active, replies):
                 traj.messages.append({"role": "assistant", "content": reply})

@@ -25,6 +25,8 @@ HANDLERS = {
     ("model", "init-tiny"): "mmsearch.cli.agent_commands:model_init_tiny",
     ("eval",): "mmsearch.cli.agent_commands:eval_run",
     ("ask",): "mmsearch.cli.agent_commands:ask",
+    ("synth",): "mmsearch.cli.data_commands:synth_run",
+    ("synth-import",): "mmsearch.cli.data_commands:synth_import",
 }
 
 
@@ -94,6 +96,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the trajectory as JSON")
     _policy_args(p)
 
+    p = sub.add_parser("synth", help="synthesize a multi-hop VQA dataset with gold tool-use trajectories "
+                                     "(`mmsearch synth import` converts InfoSeek-style records)")
+    p.add_argument("--kb", help="KB dir with entities.jsonl")
+    p.add_argument("--index", help="index dir (in-process search)")
+    p.add_argument("--server", action="append", help="tool-server URL (repeat for replicas)")
+    p.add_argument("--out", help="dataset dir to write (an interrupted run there resumes)")
+    p.add_argument("--n", type=int, help="examples over all splits")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--trajectories", choices=["gold", "teacher", "none"])
+    p.add_argument("--processor", help="policy dir whose image resize the crop boxes assume")
+    p.add_argument("--push-format", choices=["sharegpt"], help="also write this export format")
+    _job_args(p)
+    p = sub.add_parser("synth-import", help="the same as `mmsearch synth import`: InfoSeek-style records to a dataset dir")
+    p.add_argument("--records", help="JSONL file(s), comma-separated")
+    p.add_argument("--image-root", help="dir holding <image_id>.jpg")
+    p.add_argument("--out", help="dataset dir to write")
+    p.add_argument("--seed", type=int)
+    _job_args(p)
+
     demo = sub.add_parser("demo", help="show the stack on the embedded world").add_subparsers(dest="action", required=True)
     p = demo.add_parser("tools", help="crop, image_search and text_search on a world scene")
     p.add_argument("--kb", required=True, help="KB dir (the world)")
@@ -123,6 +144,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["synth", "import"]:  # `synth` itself takes key=value positionals, so `import` is routed here
+        argv = ["synth-import", *argv[2:]]
     # key=value overrides may come after options (argparse only collects them right after the positionals).
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]

@@ -57,9 +57,11 @@ class TokenEngine(Protocol):
 class ChatEngine(Protocol):
     token_level: bool  # False
 
-    def chat(self, conversations: list[list[dict]], params: SamplingParams) -> list[str]:
+    def chat(self, conversations: list[list[dict]], params: SamplingParams, trajectories: list | None = None) -> list[str]:
         """One assistant reply per conversation. Conversations are template-view messages whose
-        image parts carry the PIL image under "image" (see `mmsearch.trajectory.template_view`)."""
+        image parts carry the PIL image under "image" (see `mmsearch.trajectory.template_view`).
+        `trajectories` are the trajectories being continued; only policies that plan from them
+        (scripted) read them."""
         ...
 
 

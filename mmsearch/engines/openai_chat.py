@@ -78,12 +78,13 @@ class OpenAIChatEngine:
 
     # ---- ChatEngine
 
-    def chat(self, conversations: list[list[dict]], params: SamplingParams) -> list[str]:
+    def chat(self, conversations: list[list[dict]], params: SamplingParams, trajectories: list | None = None) -> list[str]:
         """One assistant reply per conversation, in order.
 
         With `params.seed` set, conversation i is sent with seed `seed + i`: reproducible, yet n samples
         of the same conversation still differ. `top_k` is sent only when set (> 0), because the OpenAI
-        API itself rejects it; vLLM's server accepts it.
+        API itself rejects it; vLLM's server accepts it. `trajectories` is not read: the endpoint
+        answers from the messages alone.
         """
         if not conversations:
             return []

@@ -1,8 +1,10 @@
 """`scripted` engine: a policy written as a function of the trajectory so far.
 
-It returns each turn as the canonical tokenization of the text the function writes, followed by
-the end-of-turn token, exactly as if a model had generated it. Gold-trajectory planners use it to
-drive the real agent loop and tools, and tests use it to check token-exactness on known turns.
+Token level (with a tokenizer), it returns each turn as the canonical tokenization of the text the
+function writes, followed by the end-of-turn token, exactly as if a model had generated it: tests
+use it to check token-exactness on known turns, and SFT replays gold turns through it. Without a
+tokenizer it is a chat-level engine that returns the text: gold-trajectory planners use it to
+drive the real agent loop and tools without needing any policy's tokenizer.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ from mmsearch.trajectory import Trajectory
 
 
 class ScriptedEngine:
-    token_level = True
-
     def __init__(self, tokenizer, write_turn: Callable[[Trajectory], str], end_of_turn: str = "<|im_end|>"):
         self.tokenizer = tokenizer
         self.write_turn = write_turn
-        self.end_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+        self.token_level = tokenizer is not None
+        self.end_id = tokenizer.convert_tokens_to_ids(end_of_turn) if tokenizer is not None else None
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams,
                  stop_token_ids: list[int]) -> list[GenerationOutput]:
@@ -32,6 +33,11 @@ class ScriptedEngine:
             finish = "stop" if len(ids) <= limit else "length"
             outputs.append(GenerationOutput(ids[:limit], [0.0] * min(len(ids), limit), finish))
         return outputs
+
+    def chat(self, conversations: list[list[dict]], params: SamplingParams, trajectories: list | None = None) -> list[str]:
+        if trajectories is None or len(trajectories) != len(conversations):
+            raise ValueError("the scripted engine writes turns from the trajectories; pass one per conversation")
+        return [self.write_turn(traj) for traj in trajectories]
 
 
 def replay(turns_by_example: dict[str, list[str]]) -> Callable[[Trajectory], str]:

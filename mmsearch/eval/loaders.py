@@ -7,7 +7,7 @@
   - generic: `question`, `answers` (list) or `answer` (str or list), `image` (path) or `images`
     (paths), optional `id`, `kind`, `hops`, `requires_search`; other keys go to `Example.meta`;
   - InfoSeek: `data_id`, `image_id`, `question`, `answer`, optional `answer_eval`, `data_split`;
-    the image is `{image_root}/{image_id}` with one of `_INFOSEEK_EXTS`;
+    the image is `{image_root}/{image_id}` with one of `INFOSEEK_EXTS`;
   - MMSearch-R1 / FVQA (lmms-lab/FVQA, verl RL format): `prompt` (chat messages), `images`
     (`{"bytes", "path"}` structs), `reward_model` (`ground_truth`, `candidate_answers` as a JSON
     string), `data_source`, `data_id`, `category` (`search_required` / `search_free`);
@@ -39,7 +39,7 @@ from mmsearch.example import Example
 log = logging.getLogger(__name__)
 
 MAX_SKIPPED_EXAMPLES = 10
-_INFOSEEK_EXTS = (".jpg", ".JPEG", ".jpeg", ".JPG", ".png", ".PNG")
+INFOSEEK_EXTS = (".jpg", ".JPEG", ".jpeg", ".JPG", ".png", ".PNG")
 _GENERIC_KEYS = {"id", "question", "answers", "answer", "image", "images", "kind", "hops", "requires_search"}
 _IMAGE_TAG = re.compile(r"<image>")
 
@@ -69,7 +69,9 @@ class LoadReport:
         return f"loaded {self.loaded} examples ({self.format}), skipped {self.n_skipped} ({reasons})"
 
 
-class _Skip(Exception):
+class SkipRecord(Exception):
+    """A record that cannot become an example; `reason` is the key it is counted under in a `LoadReport`."""
+
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
@@ -97,12 +99,12 @@ def load_examples(path: str, split: str = "test", limit: int | None = None,
         if limit is not None and len(examples) >= limit:
             break
         try:
-            if isinstance(row, _Skip):
+            if isinstance(row, SkipRecord):
                 raise row
             example = _to_example(row, index, ctx)
             if example.id in seen:
-                raise _Skip("duplicate_id", f"id {example.id!r} already loaded")
-        except _Skip as skip:
+                raise SkipRecord("duplicate_id", f"id {example.id!r} already loaded")
+        except SkipRecord as skip:
             report.skip(where, skip.reason, skip.detail)
             continue
         seen.add(example.id)
@@ -113,7 +115,7 @@ def load_examples(path: str, split: str = "test", limit: int | None = None,
     return examples, report
 
 
-# --- sources: each yields (where, raw record dict | _Skip) in a fixed order ---------------------------
+# --- sources: each yields (where, raw record dict | SkipRecord) in a fixed order ----------------------
 
 def _open(root: Path, split: str) -> tuple[str, Iterator[tuple[str, Any]], Path]:
     if root.is_dir():
@@ -130,7 +132,7 @@ def _open(root: Path, split: str) -> tuple[str, Iterator[tuple[str, Any]], Path]
                          "(dataset_dict.json / state.json) nor a directory of .parquet files")
     suffix = root.suffix.lower()
     if suffix == ".jsonl":
-        return "jsonl", _jsonl_rows(root), root.parent
+        return "jsonl", jsonl_records(root), root.parent
     if suffix == ".parquet":
         return "parquet", _parquet_rows(root), root.parent
     raise ValueError(f"unrecognised dataset format {root.name!r}: expected a dataset dir, .jsonl or .parquet")
@@ -155,7 +157,8 @@ def _dataset_rows(root: Path, split: str) -> Iterator[tuple[str, Any]]:
             index += 1
 
 
-def _jsonl_rows(file: Path) -> Iterator[tuple[str, Any]]:
+def jsonl_records(file: Path) -> Iterator[tuple[str, Any]]:
+    """("line N", the record dict or a `SkipRecord` saying why the line is not one) for each non-blank line."""
     with open(file, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -164,9 +167,10 @@ def _jsonl_rows(file: Path) -> Iterator[tuple[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield where, _Skip("malformed_json", str(e))
+                yield where, SkipRecord("malformed_json", str(e))
                 continue
-            yield where, row if isinstance(row, dict) else _Skip("malformed_record", f"not a JSON object: {type(row).__name__}")
+            yield where, row if isinstance(row, dict) else SkipRecord("malformed_record",
+                                                                      f"not a JSON object: {type(row).__name__}")
 
 
 def _parquet_rows(file: Path) -> Iterator[tuple[str, Any]]:
@@ -214,24 +218,24 @@ def _infoseek(row: dict, ctx: _Context) -> Example:
     if ctx.image_root is None:
         raise ValueError("InfoSeek records name images by image_id: pass image_root (the directory of the images)")
     question = _question(row.get("question"))
-    answers = _answer_strings(row.get("answer"))
+    answers = answer_strings(row.get("answer"))
     evals = row.get("answer_eval")
     evals = [evals] if isinstance(evals, dict) else (evals or [])
     numeric = [e for e in evals if isinstance(e, dict)]
-    answers += _answer_strings([e for e in evals if not isinstance(e, dict)])
+    answers += answer_strings([e for e in evals if not isinstance(e, dict)])
     # Numeric InfoSeek answers carry a tolerance range; the range goes to meta for range-aware scoring,
     # and the Wikidata value becomes a string answer so exact-match scoring still has a target.
     answers += [_number(e["wikidata"]) for e in numeric if isinstance(e.get("wikidata"), (int, float))]
     answers = _dedupe(answers)
     if not answers:
-        raise _Skip("missing_answers", "no answer or answer_eval strings")
+        raise SkipRecord("missing_answers", "no answer or answer_eval strings")
     image_id = str(row["image_id"])
-    for ext in _INFOSEEK_EXTS:
+    for ext in INFOSEEK_EXTS:
         file = Path(ctx.image_root) / f"{image_id}{ext}"
         if file.exists():
             break
     else:
-        raise _Skip("missing_image", f"no {image_id}.jpg/.JPEG/.png under {ctx.image_root}")
+        raise SkipRecord("missing_image", f"no {image_id}.jpg/.JPEG/.png under {ctx.image_root}")
     meta = {k: v for k, v in row.items() if k not in {"data_id", "question", "answer", "answer_eval"}}
     if numeric:
         meta["numeric_answers"] = numeric
@@ -242,19 +246,19 @@ def _mmsearch_r1(row: dict, index: int, ctx: _Context) -> Example:
     question = _question(row["question"] if row.get("question") is not None else _prompt_question(row.get("prompt")))
     reward = row.get("reward_model") or {}
     if not isinstance(reward, dict):
-        raise _Skip("malformed_record", "reward_model is not an object")
-    answers = _answer_strings(reward.get("ground_truth"))
+        raise SkipRecord("malformed_record", "reward_model is not an object")
+    answers = answer_strings(reward.get("ground_truth"))
     candidates = reward.get("candidate_answers")
     if isinstance(candidates, str):  # FVQA stores the list as a JSON string
         try:
             candidates = json.loads(candidates)
         except json.JSONDecodeError:
             candidates = [candidates]
-    answers += _answer_strings(candidates)
-    answers += _answer_strings(row.get("answers") if row.get("answers") is not None else row.get("answer"))
+    answers += answer_strings(candidates)
+    answers += answer_strings(row.get("answers") if row.get("answers") is not None else row.get("answer"))
     answers = _dedupe(answers)
     if not answers:
-        raise _Skip("missing_answers", "no reward_model.ground_truth, candidate_answers or answer")
+        raise SkipRecord("missing_answers", "no reward_model.ground_truth, candidate_answers or answer")
     images = _images(row.get("images") if row.get("images") is not None else row.get("image"), ctx)
     category = row.get("category") or (row.get("extra_info") or {}).get("category")
     requires_search = {"search_required": True, "search_free": False}.get(category)
@@ -282,25 +286,26 @@ def _prompt_question(prompt: Any) -> str | None:
 
 def _question(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _Skip("missing_question", f"question is {value!r}")
+        raise SkipRecord("missing_question", f"question is {value!r}")
     return value.strip()
 
 
 def _answers(value: Any) -> list[str]:
-    answers = _dedupe(_answer_strings(value))
+    answers = _dedupe(answer_strings(value))
     if not answers:
-        raise _Skip("missing_answers", f"answers is {value!r}")
+        raise SkipRecord("missing_answers", f"answers is {value!r}")
     return answers
 
 
-def _answer_strings(value: Any) -> list[str]:
+def answer_strings(value: Any) -> list[str]:
+    """The non-empty answers in a string, a number or a list of them; `SkipRecord` for any other value."""
     if value is None:
         return []
     values = value if isinstance(value, (list, tuple)) else [value]
     out = []
     for v in values:
         if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-            raise _Skip("malformed_record", f"answer {v!r} is not a string or number")
+            raise SkipRecord("malformed_record", f"answer {v!r} is not a string or number")
         text = v.strip() if isinstance(v, str) else _number(v)
         if text:
             out.append(text)
@@ -327,19 +332,19 @@ def _hops(value: Any) -> int:
     if value is None:
         return -1
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _Skip("malformed_record", f"hops {value!r} is not an integer")
+        raise SkipRecord("malformed_record", f"hops {value!r} is not an integer")
     return value
 
 
 def _requires_search(value: Any) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
-    raise _Skip("malformed_record", f"requires_search {value!r} is not a boolean")
+    raise SkipRecord("malformed_record", f"requires_search {value!r} is not a boolean")
 
 
 def _images(value: Any, ctx: _Context) -> list[Image.Image]:
     if value is None or value == []:
-        raise _Skip("missing_image", "no image or images")
+        raise SkipRecord("missing_image", "no image or images")
     values = value if isinstance(value, list) else [value]
     return [_image(v, ctx) for v in values]
 
@@ -351,7 +356,7 @@ def _image(value: Any, ctx: _Context) -> Image.Image:
             return _image(value["bytes"], ctx)
         if value.get("path"):
             return _image(str(value["path"]), ctx)
-        raise _Skip("missing_image", "image struct has neither bytes nor path")
+        raise SkipRecord("missing_image", "image struct has neither bytes nor path")
     if isinstance(value, (bytes, bytearray)):
         return _decode(bytes(value), "image bytes")
     if isinstance(value, str) and value:
@@ -359,20 +364,20 @@ def _image(value: Any, ctx: _Context) -> Image.Image:
             try:
                 return _decode(base64.b64decode(value.split(",", 1)[1], validate=True), "data URI")
             except (binascii.Error, IndexError) as e:
-                raise _Skip("corrupt_image", f"bad base64 data URI: {e}") from e
+                raise SkipRecord("corrupt_image", f"bad base64 data URI: {e}") from e
         file = Path(value)
         file = file if file.is_absolute() else ctx.base / file
         if not file.is_file():
-            raise _Skip("missing_image", f"{file} does not exist")
+            raise SkipRecord("missing_image", f"{file} does not exist")
         return _open_image(file)
-    raise _Skip("malformed_record", f"image value of type {type(value).__name__}")
+    raise SkipRecord("malformed_record", f"image value of type {type(value).__name__}")
 
 
 def _open_image(file: Path) -> Image.Image:
     try:
         data = file.read_bytes()
     except OSError as e:
-        raise _Skip("missing_image", f"{file}: {e}") from e
+        raise SkipRecord("missing_image", f"{file}: {e}") from e
     return _decode(data, str(file))
 
 
@@ -382,5 +387,5 @@ def _decode(data: bytes, what: str) -> Image.Image:
             image.load()
             return image.convert("RGB")
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad data
-        raise _Skip("corrupt_image", f"{what}: {type(e).__name__}: {e}") from e
+        raise SkipRecord("corrupt_image", f"{what}: {type(e).__name__}: {e}") from e
 

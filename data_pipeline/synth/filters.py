@@ -1,0 +1,43 @@
+"""The rules a candidate must pass before (and after) its gold trajectory runs, each with a drop reason."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from data_pipeline.synth.config import FilterConfig
+from data_pipeline.synth.questions import Candidate
+from mmsearch.rewards.answer import normalize_answer
+
+
+class ImageHasher:
+    """sha1 of image file bytes, each file read once."""
+
+    def __init__(self):
+        self._cache: dict[Path, str] = {}
+
+    def __call__(self, path: Path) -> str:
+        if path not in self._cache:
+            self._cache[path] = hashlib.sha1(path.read_bytes()).hexdigest()
+        return self._cache[path]
+
+
+def dedup_key(question: str, images: list[Path], hasher: ImageHasher) -> str:
+    return "|".join([normalize_answer(question), *(hasher(p) for p in images)])
+
+
+def answer_in_question(question: str, answers: list[str]) -> bool:
+    """Whether any answer alias appears in the question as whole words (after answer normalisation)."""
+    q = f" {normalize_answer(question)} "
+    return any(a and re.search(rf"(?<!\S){re.escape(a)}(?!\S)", q) for a in map(normalize_answer, answers))
+
+
+def filter_reason(candidate: Candidate, cfg: FilterConfig) -> str | None:
+    """Why the candidate is dropped before its trajectory runs, or None. (Duplicates are dropped when
+    an example is accepted, so only accepted examples decide what counts as seen.)"""
+    if cfg.answer_in_question and answer_in_question(candidate.question, candidate.answers):
+        return "filter: answer in question"
+    if len(candidate.steps) > cfg.max_tool_calls:
+        return "filter: too many tool calls"
+    return None
