@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# world -> CLIP -> indexes -> a few tool calls -> tiny policy -> ask + eval, all offline.
+# world -> CLIP -> indexes -> a few tool calls -> tiny policy -> dataset (gold trajectories) -> ask + eval, all offline.
 # (The policy is untrained here, so it scores ~0: the point is the loop, the files and the report.)
 demo: install
 	$(BIN)/mmsearch world build --config configs/world/default.yaml --out $(RUN)/world --seed $(SEED)
@@ -25,11 +25,13 @@ demo: install
 	$(BIN)/mmsearch index build --config configs/index/default.yaml --kb $(RUN)/world --out $(RUN)/index image_encoder.name=$(RUN)/clip
 	$(BIN)/mmsearch demo tools --kb $(RUN)/world --index $(RUN)/index
 	$(BIN)/mmsearch model init-tiny --config configs/model/tiny.yaml --kb $(RUN)/world --out $(RUN)/policy
-	$(BIN)/mmsearch demo questions --kb $(RUN)/world --out $(RUN)/questions.jsonl --n 8
+	$(BIN)/mmsearch synth --config configs/synth/default.yaml --kb $(RUN)/world --index $(RUN)/index --out $(RUN)/dataset \
+		--n 1000 --seed $(SEED) --processor $(RUN)/policy --push-format sharegpt
+	sed -n '/^## Splits/,/^## How it was made/p;/^## Histograms/,$$p' $(RUN)/dataset/card.md
 	$(BIN)/mmsearch ask --model $(RUN)/policy --index $(RUN)/index --image $(RUN)/world/scenes/scene_000000.png \
 		"What is the capital of the nation whose flag is at the top left?" --out $(RUN)/ask agent.max_new_tokens_per_turn=48
-	$(BIN)/mmsearch eval --config configs/eval/default.yaml --model $(RUN)/policy --data $(RUN)/questions.jsonl \
-		--index $(RUN)/index --out $(RUN)/eval agent.max_new_tokens_per_turn=48
+	$(BIN)/mmsearch eval --config configs/eval/default.yaml --model $(RUN)/policy --data $(RUN)/dataset --split test \
+		--limit 16 --index $(RUN)/index --out $(RUN)/eval agent.max_new_tokens_per_turn=48
 
 # Fast suite (what CI runs); `make test-all` adds the slow tests.
 test: install

@@ -200,7 +200,7 @@ def test_resume_after_kill_matches_uninterrupted(world_dir: Path, questions_only
     assert not partial["done"], "the run finished before it could be killed"
     with (out / "work" / "examples.jsonl").open("a") as f:
         f.write('{"id": "half a line')  # what a kill mid-write leaves behind
-    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    subprocess.run(cmd, check=True, capture_output=True)
     rows = _rows(out)
     assert len({r["id"] for r in rows}) == len(rows)
     expected = json.loads((questions_only / "synth_info.json").read_text())["fingerprint"]
@@ -274,3 +274,27 @@ def test_category_targets_follow_the_mix():
     assert sum(targets.values()) == 100
     assert sum(k for c, k in targets.items() if not c.requires_search) == 50
     assert targets[Category(True, 1, "whole")] == 10 and targets[Category(True, 3, "crop")] == 5
+
+
+def test_cli_synth_and_import(world_dir: Path, tmp_path: Path, capsys):
+    from mmsearch.cli.main import main
+
+    out = tmp_path / "ds"
+    assert main(["synth", "--kb", str(world_dir), "--out", str(out), "--n", "20", "--trajectories", "none",
+                 "mix.search_free=1.0"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    rows = _rows(out)
+    assert rows and all(not r["requires_search"] for r in rows)
+
+    image = tmp_path / "img" / "a.png"
+    image.parent.mkdir()
+    Image.new("RGB", (8, 8), "red").save(image)
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"data_id": "q1", "image_id": "a", "entity_id": "Q1", "question": "What is it?",
+                                   "answer": ["a thing"]}) + "\n")
+    assert main(["synth", "import", "--records", str(records), "--image-root", str(image.parent),
+                 "--out", str(tmp_path / "imported")]) == 0
+    assert (tmp_path / "imported" / "dataset_dict.json").exists()
+
+    assert main(["synth", "--kb", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert "not a KB dir" in capsys.readouterr().err

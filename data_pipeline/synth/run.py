@@ -102,11 +102,13 @@ def category_targets(n: int, mix: MixConfig) -> dict[Category, int]:
     return {c: k for c, k in largest_remainder(n, shares).items() if k > 0}
 
 
-def config_hash(cfg: SynthConfig) -> str:
-    """What decides the dataset's content (not where it is written, nor how the tools are reached)."""
+def config_hash(cfg: SynthConfig, kb_fingerprint: str) -> str:
+    """What decides the dataset's content: the config and the KB's records (not where the dataset is
+    written, nor how the tools are reached)."""
     data = json.loads(json.dumps(asdict(cfg), default=str))
     for key in ("out", "server"):
         data.pop(key)
+    data["kb_fingerprint"] = kb_fingerprint
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -154,7 +156,7 @@ class Synthesizer:
     def _open_work(self) -> tuple[RunState, Path]:
         self.work.mkdir(parents=True, exist_ok=True)
         examples_file, state_file = self.work / "examples.jsonl", self.work / "state.json"
-        digest = config_hash(self.cfg)
+        digest = config_hash(self.cfg, self.graph.fingerprint)
         if state_file.exists():
             state = RunState.load(state_file)
             if state.config_hash != digest:

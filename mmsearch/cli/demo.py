@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -54,40 +53,4 @@ def demo_tools(args) -> int:
 
     _show('crop(image=0, bbox=[0, 0, 9999, 10])  # a bad call', toolbox.call("crop", {"image": 0, "bbox": [0, 0, 9999, 10]}, context))
     print(RULE)
-    return 0
-
-
-def demo_questions(args) -> int:
-    """A handful of world questions (identify the pictured entity; follow one relation) as generic JSONL.
-
-    The full synthesis pipeline (`mmsearch synth`) makes real datasets; this is enough for `ask` and
-    `eval` to show the loop end to end on the embedded world.
-    """
-    kb = Path(args.kb).resolve()
-    entities = {e["id"]: e for e in map(json.loads, (kb / "entities.jsonl").read_text().splitlines())}
-    images = [r for r in map(json.loads, (kb / "images.jsonl").read_text().splitlines()) if r.get("entity_id") in entities]
-    # Interleave kinds (first nation, first city, ..., second nation, ...) so a few questions cover them all.
-    by_kind: dict[str, list[dict]] = {}
-    for record in images:
-        by_kind.setdefault(entities[record["entity_id"]]["kind"], []).append(record)
-    images = [r for group in itertools.zip_longest(*by_kind.values()) for r in group if r is not None]
-    questions = []
-    for record in images:
-        entity = entities[record["entity_id"]]
-        relation, target = next(iter(entity["relations"].items()), (None, None))
-        common = {"image": str(kb / record["path"]), "kind": entity["kind"], "requires_search": True}
-        if relation and target in entities and len(questions) % 2:
-            answer = entities[target]
-            questions.append({**common, "id": f"q{len(questions)}", "hops": 2,
-                              "question": f"What is the {relation.replace('_', ' ')} of the {entity['kind']} shown?",
-                              "answers": [answer["name"], *answer["aliases"]]})
-        else:
-            questions.append({**common, "id": f"q{len(questions)}", "hops": 1,
-                              "question": f"Which {entity['kind']} is shown in the image?",
-                              "answers": [entity["name"], *entity["aliases"]]})
-        if len(questions) >= args.n:
-            break
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions))
-    print(f"wrote {len(questions)} questions to {args.out}")
     return 0

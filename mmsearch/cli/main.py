@@ -21,7 +21,6 @@ HANDLERS = {
     ("search", "image"): "mmsearch.cli.commands:search_image",
     ("serve",): "mmsearch.cli.commands:serve",
     ("demo", "tools"): "mmsearch.cli.demo:demo_tools",
-    ("demo", "questions"): "mmsearch.cli.demo:demo_questions",
     ("model", "init-tiny"): "mmsearch.cli.agent_commands:model_init_tiny",
     ("eval",): "mmsearch.cli.agent_commands:eval_run",
     ("ask",): "mmsearch.cli.agent_commands:ask",
@@ -119,10 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = demo.add_parser("tools", help="crop, image_search and text_search on a world scene")
     p.add_argument("--kb", required=True, help="KB dir (the world)")
     p.add_argument("--index", required=True, help="index dir")
-    p = demo.add_parser("questions", help="write a few world questions as JSONL (for ask/eval before synthesis)")
-    p.add_argument("--kb", required=True, help="KB dir (the world)")
-    p.add_argument("--out", required=True, help="JSONL file to write")
-    p.add_argument("--n", type=int, default=8)
     return parser
 
 
