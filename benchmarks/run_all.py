@@ -52,6 +52,8 @@ def main() -> None:
         ("Agent rollouts: batched loop vs one at a time", [sys.executable, "benchmarks/bench_rollout.py", "--kb", str(world),
                                                            "--index", str(index), "--policy", str(policy),
                                                            "--json", str(out / "rollout.json")]),
+        ("Dataset synthesis", [sys.executable, "benchmarks/bench_synth.py", "--kb", str(world), "--index", str(index),
+                               "--policy", str(policy), "--json", str(out / "synth.json")]),
     ]
     report = []
     for title, cmd in sections:

@@ -39,7 +39,7 @@ class SceneConfig:
     width: int = 448
     height: int = 336
     objects: list[int] = field(default_factory=lambda: [2, 4])  # min, max per scene
-    questions_per_scene: int = 3  # scene pool size = scene questions / this
+    questions_per_scene: int = 6  # scene pool size = scene questions / this (rendering is most of synthesis time)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,14 +145,17 @@ class Synthesizer:
         seen = {_key_of(row, self.hasher) for row in _read_rows(examples_file)} if self.cfg.filters.dedup else set()
         targets = largest_remainder(self.cfg.n, {"train": 1 - self.cfg.splits.validation - self.cfg.splits.test,
                                                  "validation": self.cfg.splits.validation, "test": self.cfg.splits.test})
+        start = time.perf_counter()
         for split in SPLITS:
             self._run_split(split, targets[split], state, examples_file, seen)
         state.done = True
         state.save(self.work / "state.json")
+        generated = time.perf_counter()
         rows = list(_read_rows(examples_file))
         info = self._info(state, targets, rows)
         summary = export_dataset(self.out, rows, info, sharegpt=self.cfg.sharegpt)
-        return {**summary, "dropped": dict(state.dropped), "mix": info["mix"]}
+        timings = {"generate_s": generated - start, "export_s": time.perf_counter() - generated}
+        return {**summary, "dropped": dict(state.dropped), "mix": info["mix"], "timings": timings}
 
     def _open_work(self) -> tuple[RunState, Path]:
         self.work.mkdir(parents=True, exist_ok=True)
