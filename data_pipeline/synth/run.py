@@ -152,7 +152,7 @@ class Synthesizer:
         state.save(self.work / "state.json")
         generated = time.perf_counter()
         rows = list(_read_rows(examples_file))
-        info = self._info(state, targets, rows)
+        info = self._info(state, targets)
         summary = export_dataset(self.out, rows, info, sharegpt=self.cfg.sharegpt)
         timings = {"generate_s": generated - start, "export_s": time.perf_counter() - generated}
         return {**summary, "dropped": dict(state.dropped), "mix": info["mix"], "timings": timings}
@@ -316,7 +316,7 @@ class Synthesizer:
                 "hops": candidate.category.hops, "requires_search": candidate.category.requires_search,
                 "split_key": candidate.split_key, "messages": messages, "meta": meta}
 
-    def _info(self, state: RunState, split_targets: dict, rows: list[dict]) -> dict:
+    def _info(self, state: RunState, split_targets: dict) -> dict:
         cfg = self.cfg
         mix = {}
         for split in SPLITS:
