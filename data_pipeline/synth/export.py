@@ -27,7 +27,7 @@ from typing import Any
 
 import datasets
 
-from data_pipeline.synth.records import ROW_FIELDS, SPLITS
+from data_pipeline.synth.records import ROW_FIELDS, SPLITS, FileHashes
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,18 @@ _SHAREGPT_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "use
 _BAR_WIDTH = 30
 
 
-def export_dataset(out: Path, rows: list[dict], info: dict, sharegpt: bool = False) -> dict:
+def export_dataset(out: Path, rows: list[dict], info: dict, sharegpt: bool = False,
+                   hashes: FileHashes | None = None) -> dict:
     """Write the dataset dir for `rows` into `out`; return {"counts", "fingerprint"[, "sharegpt_skipped"]}.
 
     Rows keep their order within each split. `info` is how the set was made; the card renders
     `seed`, `kb`, `n_requested`, `trajectories`, `config` (YAML text or a dict) and any other scalar
     or list as settings, and every dict under it (`vision`, `mix`, `filters`, `dropped`, `kb_report`, ...)
-    as a table of its own.
+    as a table of its own. `hashes`: a cache the caller already filled (synthesis hashes images for dedup).
     """
     out = Path(out)
     by_split = _group_by_split(rows)
-    hashes = _FileHashes()
+    hashes = hashes or FileHashes()
     digest = _fingerprint(rows, hashes)
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous(out)
@@ -78,7 +79,7 @@ def export_dataset(out: Path, rows: list[dict], info: dict, sharegpt: bool = Fal
 
 def fingerprint(rows: list[dict]) -> str:
     """sha256 over every row (split included) in order, with images as the sha256 of their bytes."""
-    return _fingerprint(rows, _FileHashes())
+    return _fingerprint(rows, FileHashes())
 
 
 # --- rows ----------------------------------------------------------------------------------------------
@@ -98,20 +99,7 @@ def _group_by_split(rows: list[dict]) -> dict[str, list[dict]]:
     return by_split
 
 
-class _FileHashes:
-    """sha256 of files by path, each file read once per export (rows share KB images)."""
-
-    def __init__(self) -> None:
-        self._by_path: dict[str, str] = {}
-
-    def of(self, path: str | Path) -> str:
-        key = str(path)
-        if key not in self._by_path:
-            self._by_path[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        return self._by_path[key]
-
-
-def _fingerprint(rows: list[dict], hashes: _FileHashes) -> str:
+def _fingerprint(rows: list[dict], hashes: FileHashes) -> str:
     digest = hashlib.sha256()
     for row in rows:
         fields = [row["split"], *(_canonical(name, row[name], hashes) for name in ROW_FIELDS)]
@@ -120,7 +108,7 @@ def _fingerprint(rows: list[dict], hashes: _FileHashes) -> str:
     return digest.hexdigest()
 
 
-def _canonical(name: str, value: Any, hashes: _FileHashes) -> Any:
+def _canonical(name: str, value: Any, hashes: FileHashes) -> Any:
     """The field as hashed: image paths become content hashes so the out dir's location does not count."""
     if name == "images":
         return [hashes.of(path) for path in value]
@@ -183,7 +171,7 @@ def _dataset_rows(rows: list[dict]) -> Iterator[dict]:
 
 # --- LLaMA-Factory ShareGPT ----------------------------------------------------------------------------
 
-def _write_sharegpt(root: Path, by_split: dict[str, list[dict]], hashes: _FileHashes) -> int:
+def _write_sharegpt(root: Path, by_split: dict[str, list[dict]], hashes: FileHashes) -> int:
     """Write `root`/{split}.json, images/ and dataset_info.json; return how many rows were skipped."""
     (root / "images").mkdir(parents=True)
     skipped: list[str] = []
@@ -213,7 +201,7 @@ def _write_sharegpt(root: Path, by_split: dict[str, list[dict]], hashes: _FileHa
     return len(skipped)
 
 
-def _sharegpt_example(row: dict, root: Path, hashes: _FileHashes) -> dict | None:
+def _sharegpt_example(row: dict, root: Path, hashes: FileHashes) -> dict | None:
     """One conversation with an `<image>` token where each image is, or None when a tool image is missing."""
     order: list[int] = []  # image numbers, in the order of their <image> tokens
     system = ""
@@ -264,7 +252,7 @@ def _image_file(row: dict, number: int) -> str | None:
     return tool_images[index]
 
 
-def _copy_image(file: str, root: Path, hashes: _FileHashes) -> str:
+def _copy_image(file: str, root: Path, hashes: FileHashes) -> str:
     """Copy under its content hash (an image in many rows is stored once); return its path relative to `root`."""
     name = hashes.of(file) + (Path(file).suffix.lower() or ".png")
     target = root / "images" / name

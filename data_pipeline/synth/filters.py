@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
 from data_pipeline.synth.config import FilterConfig
 from data_pipeline.synth.questions import Candidate
+from data_pipeline.synth.records import FileHashes
 from mmsearch.rewards.answer import normalize_answer
 
 
-class ImageHasher:
-    """sha1 of image file bytes, each file read once."""
-
-    def __init__(self):
-        self._cache: dict[Path, str] = {}
-
-    def __call__(self, path: Path) -> str:
-        if path not in self._cache:
-            self._cache[path] = hashlib.sha1(path.read_bytes()).hexdigest()
-        return self._cache[path]
-
-
-def dedup_key(question: str, images: list[Path], hasher: ImageHasher) -> str:
-    return "|".join([normalize_answer(question), *(hasher(p) for p in images)])
+def dedup_key(question: str, images: list[Path], hashes: FileHashes) -> str:
+    return "|".join([normalize_answer(question), *(hashes.of(p) for p in images)])
 
 
 def answer_in_question(question: str, answers: list[str]) -> bool:

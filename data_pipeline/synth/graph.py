@@ -96,11 +96,10 @@ class EntityGraph:
                 report.skip("image: entity_id not in entities.jsonl", image.id)
                 continue
             images[image.entity_id].append(EntityImage(image.id, (kb.root / image.path).resolve(), image.title))
-        for name in ("images.jsonl",):
-            skips = kb.skips.get(name)
-            if skips is not None and skips.skipped:
-                report.skipped[f"{name}: bad record"] += skips.skipped
-                report.examples[f"{name}: bad record"] = skips.reasons[:3]
+        skips = kb.skips.get("images.jsonl")
+        if skips is not None and skips.skipped:
+            report.skipped["images.jsonl: bad record"] += skips.skipped
+            report.examples["images.jsonl: bad record"] = skips.reasons[:3]
         if not entities:
             raise KBError(f"no usable entities in {kb.root / ENTITIES_FILE} ({report.as_dict()})")
         return cls(entities, dict(images), report, kb.fingerprint())

@@ -93,10 +93,9 @@ def _intent(candidate: Candidate, step: Step) -> str:
         return f"I will search for images like {which} to find out which {T.kind_noun(candidate.kind)} it is."
     subject, relation = step.subject[0], step.relation
     if step.fact:
-        question = T.FACT_TEMPLATES.get(relation, ((f"What is the {T.words(relation)} of {{x}}?",),))[0][0]
-        need = f"I need to find out: {question.format(x=subject)}"
+        need = f"I need to find out: {T.fact_questions(relation)[0].format(x=subject)}"
     else:
-        need = f"I need {T.RELATION_NP.get(relation, (f'the {T.words(relation)} of {{x}}',))[0].format(x=subject)}."
+        need = f"I need {T.relation_nps(relation)[0].format(x=subject)}."
     return f"{need} I search for {json.dumps(step.arguments['query'], ensure_ascii=False)}."
 
 

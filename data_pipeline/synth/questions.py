@@ -75,7 +75,7 @@ def make_candidate(graph: EntityGraph, category: Category, kind: str | None, spl
         objects = [o for o in scene.objects if graph.entities[o.entity_id].kind == kind] or list(scene.objects)
         obj = rng.choice(objects)
         return _search(graph, category, obj.entity_id, split_entities, facts_share, rng, scene, obj, vision)
-    pool = [e for e in graph.pictured(split_entities) if graph.entities[e].kind == kind] or graph.pictured(split_entities)
+    pool = [e for e in scenes.pictured if graph.entities[e].kind == kind] or scenes.pictured
     if not pool:
         return None
     return _search(graph, category, rng.choice(pool), split_entities, facts_share, rng)

@@ -22,5 +22,22 @@ Export turns these into the dataset dir's rows: `images` become `datasets.Image`
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 SPLITS = ("train", "validation", "test")
 ROW_FIELDS = ("id", "images", "question", "answers", "kind", "hops", "requires_search", "split_key", "messages", "meta")
+
+
+class FileHashes:
+    """sha256 of files by path, each file read once (rows share KB images and scenes): how dedup and
+    the dataset fingerprint identify an image by its bytes, not its path."""
+
+    def __init__(self) -> None:
+        self._by_path: dict[str, str] = {}
+
+    def of(self, path: str | Path) -> str:
+        key = str(path)
+        if key not in self._by_path:
+            self._by_path[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return self._by_path[key]

@@ -22,11 +22,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.synth.config import MixConfig, SynthConfig
-from data_pipeline.synth.filters import ImageHasher, answer_in_question, dedup_key, filter_reason
+from data_pipeline.synth.filters import answer_in_question, dedup_key, filter_reason
 from data_pipeline.synth.graph import EntityGraph
 from data_pipeline.synth.planner import check_evidence, gold_writer
 from data_pipeline.synth.questions import VISUAL_KINDS, Candidate, Category, make_candidate
-from data_pipeline.synth.records import SPLITS
+from data_pipeline.synth.records import SPLITS, FileHashes
 from data_pipeline.synth.scenes import ScenePool
 from data_pipeline.synth.splits import partition_entities
 from data_pipeline.world.seeding import derive_rng
@@ -125,7 +125,7 @@ class Synthesizer:
         self.out, self.work = Path(cfg.out), Path(cfg.out) / "work"
         self.vision = _vision(cfg)
         self._toolbox = toolbox
-        self.hasher = ImageHasher()
+        self.hashes = FileHashes()
 
     @property
     def toolbox(self):
@@ -142,7 +142,7 @@ class Synthesizer:
         from data_pipeline.synth.export import export_dataset
 
         state, examples_file = self._open_work()
-        seen = {_key_of(row, self.hasher) for row in _read_rows(examples_file)} if self.cfg.filters.dedup else set()
+        seen = {_key_of(row, self.hashes) for row in _read_rows(examples_file)} if self.cfg.filters.dedup else set()
         targets = largest_remainder(self.cfg.n, {"train": 1 - self.cfg.splits.validation - self.cfg.splits.test,
                                                  "validation": self.cfg.splits.validation, "test": self.cfg.splits.test})
         start = time.perf_counter()
@@ -153,7 +153,7 @@ class Synthesizer:
         generated = time.perf_counter()
         rows = list(_read_rows(examples_file))
         info = self._info(state, targets)
-        summary = export_dataset(self.out, rows, info, sharegpt=self.cfg.sharegpt)
+        summary = export_dataset(self.out, rows, info, sharegpt=self.cfg.sharegpt, hashes=self.hashes)
         timings = {"generate_s": generated - start, "export_s": time.perf_counter() - generated}
         return {**summary, "dropped": dict(state.dropped), "mix": info["mix"], "timings": timings}
 
@@ -182,11 +182,7 @@ class Synthesizer:
         scene_count = max(1, math.ceil(n * scene_share / cfg.scenes.questions_per_scene))
         kinds = self._kind_targets(split, sum(k for c, k in targets.items() if c.requires_search))
         bar = tqdm(total=n, initial=progress.total, desc=f"synth {split}", unit="ex", disable=not self.progress)
-        while progress.total < n:
-            open_categories = [c for c in targets if progress.accepted[c.name] < targets[c]
-                               and c.name not in progress.exhausted]
-            if not open_categories:
-                break
+        while progress.total < n and _open_categories(targets, progress):
             chunk = self._plan_chunk(split, targets, kinds, progress, scenes, scene_count, state)
             kept = self._trajectories(chunk, state)
             with examples_file.open("a", encoding="utf-8") as f:
@@ -195,7 +191,7 @@ class Synthesizer:
                         state.dropped["balance: category already full"] += 1
                         continue
                     if cfg.filters.dedup:
-                        key = dedup_key(candidate.question, candidate.images, self.hasher)
+                        key = dedup_key(candidate.question, candidate.images, self.hashes)
                         if key in seen:
                             state.dropped["filter: duplicate"] += 1
                             continue
@@ -223,8 +219,7 @@ class Synthesizer:
         planned: list[Candidate] = []
         pending, pending_kinds = Counter(), Counter()
         for _ in range(cfg.chunk):
-            fill = {c: (progress.accepted[c.name] + pending[c.name]) / targets[c] for c in targets
-                    if c.name not in progress.exhausted and progress.accepted[c.name] + pending[c.name] < targets[c]}
+            fill = _open_categories(targets, progress, pending)
             if not fill:
                 break
             category = min(fill, key=lambda c: (fill[c], c.name))
@@ -333,6 +328,14 @@ class Synthesizer:
         }
 
 
+def _open_categories(targets: dict[Category, int], progress: SplitState, pending: Counter | None = None
+                     ) -> dict[Category, float]:
+    """Categories still short of target and not given up, with how full each is (kept + pending) / target."""
+    pending = pending or Counter()
+    return {c: (progress.accepted[c.name] + pending[c.name]) / k for c, k in targets.items()
+            if c.name not in progress.exhausted and progress.accepted[c.name] + pending[c.name] < k}
+
+
 def run_synth(cfg: SynthConfig, toolbox=None, progress: bool = True) -> dict:
     return Synthesizer(cfg, toolbox=toolbox, progress=progress).run()
 
@@ -363,5 +366,5 @@ def _read_rows(path: Path):
                 yield json.loads(line)
 
 
-def _key_of(row: dict, hasher: ImageHasher) -> str:
-    return dedup_key(row["question"], [Path(p) for p in row["images"]], hasher)
+def _key_of(row: dict, hashes: FileHashes) -> str:
+    return dedup_key(row["question"], [Path(p) for p in row["images"]], hashes)

@@ -42,11 +42,15 @@ class ComposedScene:
 
 
 class ScenePool:
-    """Scenes of one split, laid out on demand and rendered to `root` once."""
+    """Scenes of one split, laid out on demand and rendered to `root` once.
 
-    def __init__(self, graph: EntityGraph, entities: list[str], cfg: SceneConfig, seed: int, split: str, root: Path):
+    `pictured` lists the split's entities that have a readable image, in id order: the candidates
+    for whole-image questions and for scene objects alike.
+    """
+
+    def __init__(self, graph: EntityGraph, entities: set[str], cfg: SceneConfig, seed: int, split: str, root: Path):
         self.graph, self.cfg, self.seed, self.split = graph, cfg, seed, split
-        self.entities = graph.pictured(entities)
+        self.pictured = [e for e in graph.pictured(entities) if any(graph.image_ok(i.path) for i in graph.images[e])]
         self.root = root
         self._cache: dict[int, ComposedScene | None] = {}
 
@@ -59,14 +63,13 @@ class ScenePool:
     def _compose(self, index: int) -> ComposedScene | None:
         rng = derive_rng(self.seed, "synth-scene", self.split, index)
         low, high = self.cfg.objects
-        usable = [e for e in self.entities if any(self.graph.image_ok(i.path) for i in self.graph.images[e])]
-        want = min(rng.randint(low, high), len(usable), 9)
+        want = min(rng.randint(low, high), len(self.pictured), 9)
         if want < max(1, low):
             return None
         width, height = self.cfg.width, self.cfg.height
         xs, ys = [width * i // 3 for i in range(4)], [height * i // 3 for i in range(4)]
         objects = []
-        for entity_id, cell in zip(rng.sample(usable, want), sorted(rng.sample(range(9), want)), strict=True):
+        for entity_id, cell in zip(rng.sample(self.pictured, want), sorted(rng.sample(range(9), want)), strict=True):
             image = rng.choice([i for i in self.graph.images[entity_id] if self.graph.image_ok(i.path)])
             with Image.open(image.path) as img:
                 size = img.size

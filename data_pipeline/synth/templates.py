@@ -117,8 +117,16 @@ def identify_question(rng: random.Random, kind: str, position: str | None) -> st
     return rng.choice((f"Which {noun} does this {picture} belong to?", f"Which {noun}'s {picture} is this?"))
 
 
+def relation_nps(relation: str) -> tuple[str, ...]:
+    return RELATION_NP.get(relation, (f"the {words(relation)} of {{x}}",))
+
+
+def fact_questions(fact: str) -> tuple[str, ...]:
+    return FACT_TEMPLATES[fact][0] if fact in FACT_TEMPLATES else (f"What is the {words(fact)} of {{x}}?",)
+
+
 def relation_np(rng: random.Random, relation: str, subject_np: str) -> str:
-    return rng.choice(RELATION_NP.get(relation, (f"the {words(relation)} of {{x}}",))).format(x=subject_np)
+    return rng.choice(relation_nps(relation)).format(x=subject_np)
 
 
 def relation_query(rng: random.Random, relation: str, subject: str) -> str:
@@ -133,8 +141,7 @@ def entity_question(rng: random.Random, kind: str, np: str) -> str:
 
 
 def fact_question(rng: random.Random, fact: str, subject_np: str) -> str:
-    questions = FACT_TEMPLATES.get(fact, ((f"What is the {words(fact)} of {{x}}?",), ()))[0]
-    return _capitalise(rng.choice(questions).format(x=subject_np))
+    return _capitalise(rng.choice(fact_questions(fact)).format(x=subject_np))
 
 
 def fact_query(rng: random.Random, fact: str, subject: str) -> str:
