@@ -159,6 +159,15 @@ def add_tool_message(traj: Trajectory, text: str, images: list[Image.Image], **f
     traj.images += images
 
 
+def assistant_turn_ids(tokenizer, text: str, end_id: int) -> list[int]:
+    """The tokens of an assistant turn written as text: its canonical tokenization, then end-of-turn.
+
+    Scripted turns (tests, SFT's gold turns) enter trajectories this way, as if a model had
+    generated exactly these tokens.
+    """
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_id]
+
+
 class TrajectoryBuilder:
     """Grows trajectories with one processor (tokenizer + image processor + chat template)."""
 
@@ -168,6 +177,7 @@ class TrajectoryBuilder:
         self.end_of_turn = end_of_turn
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.vision_start_id = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(end_of_turn)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(

@@ -70,3 +70,19 @@ def ask(args) -> int:
     [traj] = loop.run([Example("ask", args.question, [image], answers=[])])
     printer.finish(traj)
     return 0  # the run worked even without an answer; stop_reason says how it ended
+
+
+def sft_run(args) -> int:
+    from mmsearch.eval.report import markdown
+    from mmsearch.sft.config import SFTConfig
+    from mmsearch.sft.train import train_sft
+
+    cfg = _load(SFTConfig, args, model=args.model, data=args.data, out=args.out, **{"eval.index": args.index})
+    result = train_sft(cfg, resume=args.resume)
+    if "curves" not in result:
+        return 0  # not rank 0
+    if result["eval"]:
+        print(markdown(result["eval"]))
+    print(f"wrote {result['final']} ({result['steps']} steps, {result['trained_tokens']} trained tokens, "
+          f"{result['train_s']:.0f} s training); curves: {result['curves']}")
+    return 0

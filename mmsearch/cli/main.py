@@ -25,6 +25,7 @@ HANDLERS = {
     ("eval",): "mmsearch.cli.agent_commands:eval_run",
     ("ask",): "mmsearch.cli.agent_commands:ask",
     ("synth",): "mmsearch.cli.data_commands:synth_run",
+    ("sft",): "mmsearch.cli.agent_commands:sft_run",
     ("synth-import",): "mmsearch.cli.data_commands:synth_import",
 }
 
@@ -112,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="dir holding <image_id>.jpg")
     p.add_argument("--out", help="dataset dir to write")
     p.add_argument("--seed", type=int)
+    _job_args(p)
+
+    p = sub.add_parser("sft", help="cold-start SFT of the policy on gold trajectories (one process, torchrun or deepspeed)")
+    p.add_argument("--model", help="policy dir to start from")
+    p.add_argument("--data", help="dataset dir from `mmsearch synth`")
+    p.add_argument("--out", help="run dir: checkpoints, metrics.jsonl, tensorboard/, curves.png")
+    p.add_argument("--index", help="index dir for the periodic eval's tools")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     _job_args(p)
 
     demo = sub.add_parser("demo", help="show the stack on the embedded world").add_subparsers(dest="action", required=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mmsearch.engines.base import GenerationOutput, GenerationRequest, SamplingParams
-from mmsearch.trajectory import Trajectory
+from mmsearch.trajectory import Trajectory, assistant_turn_ids
 
 
 class ScriptedEngine:
@@ -28,7 +28,7 @@ class ScriptedEngine:
         for request in requests:
             if request.trajectory is None:
                 raise ValueError("the scripted engine writes turns from the trajectory; pass it in the request")
-            ids = self.tokenizer(self.write_turn(request.trajectory), add_special_tokens=False)["input_ids"] + [self.end_id]
+            ids = assistant_turn_ids(self.tokenizer, self.write_turn(request.trajectory), self.end_id)
             limit = request.max_new_tokens or params.max_new_tokens
             finish = "stop" if len(ids) <= limit else "length"
             outputs.append(GenerationOutput(ids[:limit], [0.0] * min(len(ids), limit), finish))

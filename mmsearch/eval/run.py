@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mmsearch.agent.loop import AgentLoop, Timings
 from mmsearch.agent.setup import RolloutConfig, build_loop
 from mmsearch.rewards import RewardConfig, compute_rewards_batch
 
@@ -25,7 +26,8 @@ class EvalConfig(RolloutConfig):
     rewards: RewardConfig = field(default_factory=RewardConfig)
 
 
-def run_eval(cfg: EvalConfig, engine=None, progress: bool = True) -> dict:
+def run_eval(cfg: EvalConfig, engine=None, progress: bool = True, loop: AgentLoop | None = None) -> dict:
+    """Roll out, score and report; `loop` reuses a built agent loop (SFT's periodic eval), else one is built."""
     from mmsearch.eval.loaders import load_examples
     from mmsearch.eval.report import write_report
 
@@ -37,7 +39,12 @@ def run_eval(cfg: EvalConfig, engine=None, progress: bool = True) -> dict:
         raise ValueError(f"no usable examples in {cfg.data} ({load_report})")
     by_id = {ex.id: ex for ex in examples}
     bar = tqdm(total=len(examples) * cfg.n_samples, desc="eval", unit="traj", disable=not progress)
-    loop = build_loop(cfg, engine=engine, on_event=lambda traj, kind, _: bar.update(1) if kind == "done" else None)
+    on_event = lambda traj, kind, _: bar.update(1) if kind == "done" else None
+    if loop is None:
+        loop = build_loop(cfg, engine=engine, on_event=on_event)
+    else:
+        loop.on_event = on_event
+        loop.timings = Timings()
     start = time.perf_counter()
     records = []
     for first in range(0, len(examples), cfg.chunk):

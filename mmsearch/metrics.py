@@ -1,0 +1,73 @@
+"""Training metrics: one JSON line per record and TensorBoard scalars, plus a picture of the curves.
+
+On resume the log is cut back to the checkpoint's step (JSONL lines and TensorBoard events after it
+are dropped), so a resumed run's files read exactly like an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, out: str | Path, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = Path(out) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            kept = [line for line in _lines(self.path) if json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(f"{line}\n" for line in kept))
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
+
+    def write(self, step: int, kind: str, values: dict[str, float]) -> None:
+        """Append one record; `kind` ("train", "eval") prefixes the TensorBoard tags."""
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: str | Path, kind: str | None = None) -> list[dict]:
+    records = [json.loads(line) for line in _lines(Path(path))]
+    return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def plot_curves(metrics: str | Path, out: str | Path, panels: list[tuple[str, str, str]]) -> Path:
+    """A PNG with one panel per (kind, key, title) found in the metrics log; panels with no data are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics)
+    shown = [(kind, key, title) for kind, key, title in panels
+             if any(r.get("kind") == kind and key in r for r in records)]
+    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.5 * max(1, len(shown)), 3.4), squeeze=False)
+    for ax, (kind, key, title) in zip(axes[0], shown):
+        points = [(r["step"], r[key]) for r in records if r.get("kind") == kind and key in r]
+        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

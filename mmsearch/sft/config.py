@@ -1,0 +1,88 @@
+"""`mmsearch sft` config (plain data; filled from configs/sft/*.yaml by `load_config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmsearch.eval.run import EvalConfig
+
+
+@dataclass
+class BatchConfig:
+    tokens_per_batch: int = 8192  # padded tokens per micro-batch (per rank); must be >= max_seq_tokens
+    grad_accum: int = 1  # micro-batches per rank per optimizer step
+    max_seq_tokens: int = 4096  # longer samples are skipped and counted
+    max_tool_response_tokens: int = 512  # tool text is clipped as the agent loop clips it
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    max_grad_norm: float = 1.0  # 0: no clipping
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine/linear decay floor, as a fraction of lr
+
+
+@dataclass
+class FreezeConfig:
+    vision_tower: bool = False  # the ViT blocks and patch embedding
+    projector: bool = False  # the merger that maps vision features into the language model
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0  # 0: full fine-tuning
+    alpha: int = 16
+    dropout: float = 0.0
+    # Suffixes of the language model's linear layers to adapt (the vision tower is never LoRA-adapted).
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class SFTEvalConfig(EvalConfig):
+    """Periodic eval through the agent loop (the `mmsearch eval` code) with the weights being trained."""
+
+    enabled: bool = True  # False: no eval (e.g. no index at hand)
+    split: str = "validation"
+    limit: int = 64
+    every: int = 0  # optimizer steps between evals; 0: only at the end
+
+
+@dataclass
+class SFTConfig:
+    model: str = "runs/policy"  # a Qwen2-VL / Qwen2.5-VL / Qwen3-VL dir or hub name (with its processor)
+    data: str = "runs/dataset"  # a dataset dir from `mmsearch synth` (rows with gold `messages`)
+    train_split: str = "train"
+    out: str = "runs/sft"
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (the schedule spans them)
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer state stay fp32)
+    gradient_checkpointing: bool = False
+    deepspeed: str = ""  # a DeepSpeed JSON (configs/deepspeed/zero2.json, zero3.json); empty: DDP / one process
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    log_every: int = 10
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only the final one
+    keep_checkpoints: int = 2  # older step checkpoints are deleted (the final one always stays)
+    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
+
+    def check(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.optim.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"optim.schedule must be cosine, linear or constant, got {self.optim.schedule!r}")
+        if self.batch.tokens_per_batch < self.batch.max_seq_tokens:
+            raise ValueError(f"batch.tokens_per_batch ({self.batch.tokens_per_batch}) must be >= batch.max_seq_tokens "
+                             f"({self.batch.max_seq_tokens}) so the longest sample fits a micro-batch")
+        if self.batch.grad_accum < 1:
+            raise ValueError("batch.grad_accum must be >= 1")
+        if self.epochs < 1 and self.max_steps <= 0:
+            raise ValueError("set epochs >= 1 or max_steps > 0")

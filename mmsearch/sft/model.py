@@ -1,0 +1,78 @@
+"""Load the policy for training: dtype, frozen parts, LoRA, gradient checkpointing; save it back as HF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmsearch.sft.config import SFTConfig
+
+
+def load_policy(cfg: SFTConfig, path: str, device: str) -> nn.Module:
+    """The policy in fp32 (bf16 runs under autocast), with `cfg.freeze` and `cfg.lora` applied."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
+    visual = model.model.visual
+    if cfg.freeze.vision_tower:
+        for name, p in visual.named_parameters():
+            if not name.startswith("merger."):
+                p.requires_grad_(False)
+    if cfg.freeze.projector:
+        visual.merger.requires_grad_(False)
+    if cfg.lora.r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = "|".join(cfg.lora.target_modules)
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            # only the language model's layers: the vision blocks reuse names like gate_proj
+            target_modules=rf".*language_model\.layers\.\d+\..*\.({targets})",
+        ))
+        if not cfg.freeze.projector:  # peft freezes everything it does not adapt; keep the projector trainable if asked
+            model.get_base_model().model.visual.merger.requires_grad_(True)
+        if not cfg.freeze.vision_tower:
+            for name, p in model.get_base_model().model.visual.named_parameters():
+                if not name.startswith("merger."):
+                    p.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        base = model.get_base_model() if cfg.lora.r > 0 else model
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    return model
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (LoRA layers injected in place), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_hf(model: nn.Module, processor, out: Path, state_dict: dict | None = None) -> None:
+    """A plain Hugging Face model + processor dir; LoRA weights are merged into it (the adapter is saved beside)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "get_base_model"):
+        model.save_pretrained(out / "adapter")  # the LoRA adapter alone, for PEFT users
+        state_dict = merged_lora_state(model)
+    hf_model(model).save_pretrained(out, state_dict=state_dict)
+    processor.save_pretrained(out)
+
+
+@torch.no_grad()
+def merged_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every LoRA delta added in, under the original names."""
+    model.merge_adapter()
+    try:
+        state = {}
+        for name, tensor in hf_model(model).state_dict().items():
+            if "lora_" in name:
+                continue
+            state[name.replace(".base_layer.", ".")] = tensor.detach().clone()
+    finally:
+        model.unmerge_adapter()
+    return state

@@ -1,0 +1,271 @@
+"""`mmsearch sft`: cold-start supervised fine-tuning on gold tool-use trajectories, top to bottom.
+
+1. Samples: each gold trajectory rebuilt by the rollout's trajectory code (loss mask = assistant tokens).
+2. Plan: token-budget, length-grouped micro-batches; `grad_accum x world_size` of them per step.
+3. Model: fp32 weights (bf16 autocast if asked), frozen parts, LoRA, gradient checkpointing.
+4. Loop: per window, scale loss sums by the window's trained-token count over all ranks, step,
+   log, checkpoint, and evaluate through the agent loop on the validation split.
+Launch with `mmsearch sft` (one process), `torchrun --nproc_per_node N .../mmsearch sft` (DDP) or
+`deepspeed .../mmsearch sft deepspeed=configs/deepspeed/zero2.json` (ZeRO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from mmsearch.config import to_yaml
+from mmsearch.logprobs import collate
+from mmsearch.metrics import MetricsLog, plot_curves
+from mmsearch.sft.batching import plan_epoch, rank_share
+from mmsearch.sft.checkpoint import (
+    check_resumable,
+    checkpoint_name,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+)
+from mmsearch.sft.config import SFTConfig
+from mmsearch.sft.loss import CausalLMLoss, window_scale
+from mmsearch.sft.model import hf_model, load_policy, trainable_parameters
+from mmsearch.sft.parallel import DeepSpeedParallel, DistInfo, TorchParallel, all_sum, barrier, init_distributed
+from mmsearch.sft.samples import SampleLimits, load_samples
+
+log = logging.getLogger(__name__)
+
+CURVES = [("train", "loss", "train loss (per trained token)"), ("train", "lr", "learning rate"),
+          ("eval", "em", "validation EM (agent loop)"), ("eval", "invalid_share", "validation: share with an invalid turn")]
+
+
+def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> dict:
+    cfg.check()
+    info = init_distributed(cfg.device)
+    out = Path(cfg.out)
+    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+    resume_from = latest_checkpoint(out) if resume else None
+    if resume and resume_from is None:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    if resume_from is None and info.is_main and (out / "final").exists():
+        raise ValueError(f"{out} already holds a finished run; pass --resume to continue it or choose another out dir")
+    _seed_everything(cfg.seed)
+
+    # 1. samples (every rank builds the same list; it is cheap next to training)
+    from transformers import AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    from mmsearch.agent.setup import vision_from_processor
+    from mmsearch.trajectory import TrajectoryBuilder
+    from tools.config import VisionResizeConfig
+
+    hf_logging.disable_progress_bar()
+    processor = AutoProcessor.from_pretrained(cfg.model)
+    builder = TrajectoryBuilder(processor)
+    vision = vision_from_processor(processor, VisionResizeConfig())
+    limits = SampleLimits(cfg.batch.max_tool_response_tokens, cfg.batch.max_seq_tokens)
+    samples, report = load_samples(cfg.data, cfg.train_split, builder, vision, limits)
+    if not samples:
+        raise ValueError(f"no trainable samples in {cfg.data}[{cfg.train_split}] ({report})")
+    lengths = [len(s.token_ids) for s in samples]
+    trained_tokens = [sum(s.loss_mask[1:]) for s in samples]
+
+    # 2. the plan: every epoch's steps, known up front so the schedule spans the whole run
+    per_step = cfg.batch.grad_accum * info.world_size
+    plans = [plan_epoch(lengths, cfg.batch.tokens_per_batch, per_step, cfg.seed, e) for e in range(cfg.epochs)]
+    if not plans[0].steps:
+        raise ValueError(f"{len(samples)} samples make fewer than {per_step} micro-batches: lower batch.tokens_per_batch "
+                         "or batch.grad_accum")
+    total_steps = sum(len(p.steps) for p in plans)
+    if cfg.max_steps > 0:
+        while total_steps < cfg.max_steps:  # more epochs until max_steps fit
+            plans.append(plan_epoch(lengths, cfg.batch.tokens_per_batch, per_step, cfg.seed, len(plans)))
+            total_steps += len(plans[-1].steps)
+        total_steps = cfg.max_steps
+
+    # 3. model, optimizer, schedule, parallelism
+    model = load_policy(cfg, str(resume_from) if resume_from and cfg.lora.r == 0 else cfg.model, info.device)
+    if cfg.precision == "bf16":
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)  # frozen weights need no fp32 copy
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay, foreach=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    module = CausalLMLoss(model)
+    if cfg.deepspeed:
+        parallel = DeepSpeedParallel(module, optimizer, scheduler, cfg.deepspeed, cfg.batch.grad_accum,
+                                     cfg.optim.max_grad_norm, cfg.precision)
+    else:
+        parallel = TorchParallel(module, optimizer, scheduler, info, cfg.optim.max_grad_norm)
+
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "trained_tokens": 0, "seen_tokens": 0, "train_s": 0.0}
+    if resume_from is not None:
+        saved = load_trainer_state(resume_from, model, parallel, info)
+        check_resumable(saved["config"], config_dict, resume_from)
+        state = {k: saved[k] for k in state}
+        if info.is_main:
+            print(f"resuming from {resume_from} at step {state['step']}")
+    metrics = MetricsLog(out, resume_step=state["step"] if resume_from else None) if info.is_main else None
+    if info.is_main:
+        _write_run_info(out, cfg, report, plans, samples, trained_tokens, params, model)
+    evaluator = Evaluator(cfg, model, processor, out) if info.is_main else None
+
+    # 4. the loop
+    model.train()
+    autocast = (torch.autocast(device_type=info.device.split(":")[0], dtype=torch.bfloat16)
+                if cfg.precision == "bf16" else contextlib.nullcontext())
+    pad_id = processor.tokenizer.pad_token_id or 0
+    bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step", disable=not (progress and info.is_main))
+    window = {"loss_sum": 0.0, "tokens": 0, "seen": 0, "steps": 0, "start": time.perf_counter(), "grad_norm": 0.0}
+    last_eval = None
+    while state["step"] < total_steps:
+        plan = plans[state["epoch"]]
+        if state["step_in_epoch"] >= len(plan.steps):
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            continue
+        mine = rank_share(plan.steps[state["step_in_epoch"]], info.rank, info.world_size)
+        scale, window_tokens = window_scale(sum(trained_tokens[i] for b in mine for i in b), info.world_size)
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for k, batch_ids in enumerate(mine):
+            batch = collate([samples[i] for i in batch_ids], pad_id, builder.image_token_id)
+            batch = {key: value.to(info.device) for key, value in batch.items()}
+            with parallel.accumulating(last=k == len(mine) - 1):
+                with autocast:
+                    micro_loss, _ = parallel.module(batch)
+                parallel.backward(micro_loss * scale)
+            loss_sum += float(micro_loss.detach())
+        grad_norm = parallel.step()
+        state["train_s"] += time.perf_counter() - t0
+        state["step"] += 1
+        state["step_in_epoch"] += 1
+        state["trained_tokens"] += window_tokens
+        seen = int(all_sum(sum(lengths[i] for b in mine for i in b), info))
+        state["seen_tokens"] += seen
+        window["loss_sum"] += all_sum(loss_sum, info)
+        window["tokens"] += window_tokens
+        window["seen"] += seen
+        window["steps"] += 1
+        window["grad_norm"] = max(window["grad_norm"], grad_norm)
+        bar.update(1)
+
+        if info.is_main and (state["step"] % cfg.log_every == 0 or state["step"] == total_steps):
+            elapsed = time.perf_counter() - window["start"]
+            record = {"loss": window["loss_sum"] / max(1, window["tokens"]), "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": window["grad_norm"], "epoch": state["epoch"],
+                      "trained_tokens_per_s": window["tokens"] / elapsed, "tokens_per_s": window["seen"] / elapsed,
+                      "trained_tokens": state["trained_tokens"], "train_s": state["train_s"]}
+            metrics.write(state["step"], "train", record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+            window = {"loss_sum": 0.0, "tokens": 0, "seen": 0, "steps": 0, "start": time.perf_counter(), "grad_norm": 0.0}
+        done = state["step"] == total_steps
+        if cfg.eval.every and (state["step"] % cfg.eval.every == 0) and not done:
+            last_eval = _evaluate(evaluator, metrics, state["step"], info)
+            model.train()
+        if cfg.save_every and state["step"] % cfg.save_every == 0 and not done:
+            save_checkpoint(out, checkpoint_name(state["step"]), model, processor, parallel,
+                            {**state, "config": config_dict}, info, cfg.keep_checkpoints)
+            if info.is_main:
+                plot_curves(out / "metrics.jsonl", out / "curves.png", CURVES)
+    bar.close()
+
+    last_eval = _evaluate(evaluator, metrics, state["step"], info) or last_eval
+    final = save_checkpoint(out, "final", model, processor, parallel, {**state, "config": config_dict}, info,
+                            cfg.keep_checkpoints)
+    result = {"final": str(final), "steps": state["step"], "trained_tokens": state["trained_tokens"],
+              "train_s": state["train_s"], "eval": last_eval}
+    if info.is_main:
+        metrics.close()
+        result["curves"] = str(plot_curves(out / "metrics.jsonl", out / "curves.png", CURVES))
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def lr_lambda(cfg: SFTConfig, total_steps: int):
+    """Linear warmup over `warmup_steps`, then cosine / linear decay to `min_lr_ratio`, or constant."""
+    o = cfg.optim
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / (o.warmup_steps + 1)
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
+
+    return factor
+
+
+class Evaluator:
+    """The eval half of `mmsearch eval`, built once (tools, indexes) and run with the weights in training."""
+
+    def __init__(self, cfg: SFTConfig, model, processor, out: Path):
+        self.cfg, self.model, self.processor, self.out = cfg, model, processor, out
+        self.loop = None
+
+    def __call__(self, step: int) -> dict:
+        from mmsearch.agent.setup import build_loop
+        from mmsearch.engines.hf import HFEngine
+        from mmsearch.eval.run import run_eval
+
+        cfg = dataclasses.replace(self.cfg.eval, data=self.cfg.data, out=str(self.out / "eval" / f"step-{step:06d}"))
+        engine = HFEngine(hf_model(self.model), self.processor, max_batch=cfg.engine.max_batch)  # sets eval mode
+        if self.loop is None:
+            self.loop = build_loop(cfg, engine=engine)
+        self.loop.engine = engine
+        with torch.no_grad():
+            summary = run_eval(cfg, progress=False, loop=self.loop)
+        self.model.train()
+        return summary
+
+
+def _evaluate(evaluator: Evaluator | None, metrics: MetricsLog | None, step: int, info: DistInfo) -> dict | None:
+    """Rank 0 evaluates while the others wait; the overall scores go to the metrics log."""
+    summary = None
+    if evaluator is not None and evaluator.cfg.eval.enabled:
+        summary = evaluator(step)
+        overall = summary["overall"]
+        metrics.write(step, "eval", {"em": overall["em"], "f1": overall["f1"], "accuracy": overall["accuracy"],
+                                     "invalid_share": summary["invalid_share"], "search_share": summary["search_share"],
+                                     "mean_turns": summary["mean_turns"],
+                                     **{f"em_hops_{k}": v["em"] for k, v in summary["by_hops"].items()}})
+        plot_curves(metrics.path, metrics.path.parent / "curves.png", CURVES)
+    barrier(info)
+    return summary
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_run_info(out: Path, cfg: SFTConfig, report, plans, samples, trained_tokens, params, model) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sft_config.yaml").write_text(to_yaml(cfg))
+    total = sum(p.numel() for p in model.parameters())
+    info = {
+        "samples": len(samples), "skipped": dict(report.skipped), "skipped_examples": report.examples_of_skipped,
+        "tokens_per_epoch": sum(len(s.token_ids) for s in samples), "trained_tokens_per_epoch": sum(trained_tokens),
+        "steps_per_epoch": [len(p.steps) for p in plans],
+        "padding_waste": [round(p.padding_waste, 4) for p in plans],
+        "dropped_micro_batches": [p.dropped_batches for p in plans],
+        "parameters": total, "trainable_parameters": sum(p.numel() for p in params),
+    }
+    (out / "data_report.json").write_text(json.dumps(info, indent=2))
+    print(f"sft: {len(samples)} samples ({report}), {sum(trained_tokens)} trained of {info['tokens_per_epoch']} tokens "
+          f"per epoch, padding waste {plans[0].padding_waste:.1%}, {info['trainable_parameters']:,} of {total:,} "
+          f"parameters trained")
