@@ -87,3 +87,15 @@ def toolbox(search, hf_engine):
     cfg = ToolsConfig()
     cfg.vision = vision_from_processor(hf_engine.processor, cfg.vision)
     return build_toolbox(cfg, search)
+
+
+@pytest.fixture(scope="session")
+def gold_dataset(world_dir: Path, toolbox, policy_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 examples with gold trajectories through the real tools, crop boxes in the tiny policy's pixels."""
+    from data_pipeline.synth.config import SynthConfig
+    from data_pipeline.synth.run import run_synth
+
+    out = tmp_path_factory.mktemp("synth") / "gold"
+    run_synth(SynthConfig(kb=str(world_dir), out=str(out), n=60, seed=1, chunk=32, processor=str(policy_dir)),
+              toolbox=toolbox, progress=False)
+    return out

@@ -45,13 +45,8 @@ def questions_only(world_dir: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gold(world_dir: Path, toolbox, hf_engine, tmp_path_factory) -> Path:
-    """60 examples with gold trajectories through the real tools, crop boxes in the tiny policy's pixels."""
-    out = tmp_path_factory.mktemp("synth") / "gold"
-    cfg = SynthConfig(kb=str(world_dir), out=str(out), n=60, seed=1, chunk=32,
-                      processor=str(Path(hf_engine.processor.tokenizer.name_or_path)))
-    run_synth(cfg, toolbox=toolbox, progress=False)
-    return out
+def gold(gold_dataset: Path) -> Path:
+    return gold_dataset
 
 
 def test_answers_follow_the_graph(questions_only: Path, world_dir: Path):
