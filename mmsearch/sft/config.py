@@ -13,6 +13,8 @@ class BatchConfig:
     grad_accum: int = 1  # micro-batches per rank per optimizer step
     max_seq_tokens: int = 4096  # longer samples are skipped and counted
     max_tool_response_tokens: int = 512  # tool text is clipped as the agent loop clips it
+    # Run the prompt prefix all rows share (the system prompt) once per micro-batch; off with gradient checkpointing.
+    share_prefix: bool = True
 
 
 @dataclass

@@ -102,7 +102,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    module = CausalLMLoss(model)
+    module = CausalLMLoss(model, share_prefix=cfg.batch.share_prefix and not cfg.gradient_checkpointing)
     if cfg.deepspeed:
         parallel = DeepSpeedParallel(module, optimizer, scheduler, cfg.deepspeed, cfg.batch.grad_accum,
                                      cfg.optim.max_grad_norm, cfg.precision)
