@@ -39,7 +39,11 @@ def load_policy(cfg: SFTConfig, path: str, device: str) -> nn.Module:
                     p.requires_grad_(True)
     if cfg.gradient_checkpointing:
         base = model.get_base_model() if cfg.lora.r > 0 else model
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         base.config.use_cache = False
     return model
 
