@@ -17,8 +17,8 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# world -> CLIP -> indexes -> a few tool calls -> tiny policy -> dataset (gold trajectories) -> ask + eval, all offline.
-# (The policy is untrained here, so it scores ~0: the point is the loop, the files and the report.)
+# world -> CLIP -> indexes -> a few tool calls -> tiny policy -> dataset (gold trajectories) -> SFT -> ask + eval, all offline.
+# A rerun reuses the finished SFT run in $(RUN)/sft (--resume); delete it to train again.
 demo: install
 	$(BIN)/mmsearch world build --config configs/world/default.yaml --out $(RUN)/world --seed $(SEED)
 	$(BIN)/mmsearch clip train --config configs/clip/tiny.yaml --kb $(RUN)/world --out $(RUN)/clip
@@ -28,10 +28,12 @@ demo: install
 	$(BIN)/mmsearch synth --config configs/synth/default.yaml --kb $(RUN)/world --index $(RUN)/index --out $(RUN)/dataset \
 		--n 1000 --seed $(SEED) --processor $(RUN)/policy --push-format sharegpt
 	sed -n '/^## Splits/,/^## How it was made/p;/^## Histograms/,$$p' $(RUN)/dataset/card.md
-	$(BIN)/mmsearch ask --model $(RUN)/policy --index $(RUN)/index --image $(RUN)/world/scenes/scene_000000.png \
-		"What is the capital of the nation whose flag is at the top left?" --out $(RUN)/ask agent.max_new_tokens_per_turn=48
-	$(BIN)/mmsearch eval --config configs/eval/default.yaml --model $(RUN)/policy --data $(RUN)/dataset --split test \
-		--limit 16 --index $(RUN)/index --out $(RUN)/eval agent.max_new_tokens_per_turn=48
+	$(BIN)/mmsearch sft --config configs/sft/tiny.yaml --model $(RUN)/policy --data $(RUN)/dataset --index $(RUN)/index \
+		--out $(RUN)/sft --resume
+	$(BIN)/mmsearch ask --model $(RUN)/sft/final --index $(RUN)/index --image $(RUN)/world/scenes/scene_000000.png \
+		"What is the capital of the nation whose flag is at the top left?" --out $(RUN)/ask
+	$(BIN)/mmsearch eval --config configs/eval/default.yaml --model $(RUN)/sft/final --data $(RUN)/dataset --split test \
+		--index $(RUN)/index --out $(RUN)/eval
 
 # Fast suite (what CI runs); `make test-all` adds the slow tests.
 test: install

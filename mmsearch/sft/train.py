@@ -54,8 +54,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     out = Path(cfg.out)
     config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
     resume_from = latest_checkpoint(out) if resume else None
-    if resume and resume_from is None:
-        log.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    if resume and resume_from is None and info.is_main:
+        print(f"no checkpoint in {out} to resume: starting a new run")
     if resume_from is None and info.is_main and (out / "final").exists():
         raise ValueError(f"{out} already holds a finished run; pass --resume to continue it or choose another out dir")
     _seed_everything(cfg.seed)
@@ -114,6 +114,10 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
         saved = load_trainer_state(resume_from, model, parallel, info)
         check_resumable(saved["config"], config_dict, resume_from)
         state = {k: saved[k] for k in state}
+        if state["step"] >= total_steps and (out / "result.json").is_file():
+            if info.is_main:
+                print(f"{out} already finished ({state['step']} steps); its result is {out / 'result.json'}")
+            return json.loads((out / "result.json").read_text())
         if info.is_main:
             print(f"resuming from {resume_from} at step {state['step']}")
     metrics = MetricsLog(out, resume_step=state["step"] if resume_from else None) if info.is_main else None
