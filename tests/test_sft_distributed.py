@@ -1,11 +1,15 @@
 """`mmsearch sft` end to end through the CLI: DDP equals accumulation, exact resume after a kill, loadable checkpoints.
 
-Every run is a real subprocess (torchrun with gloo for DDP) on the tiny policy and the gold dataset,
-one thread per process so results do not depend on how the cores are shared.
+Runs go through the real CLI on the tiny policy and the gold dataset: as subprocesses where a process
+must be launched by torchrun or killed, otherwise through `mmsearch.cli.main.main` in this process
+(a subprocess spends ~15 s importing). Every run uses one thread, so results do not depend on how
+the cores are shared and in-process runs compute bit for bit what subprocesses do.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -41,18 +45,34 @@ class Job:
         try:
             rc = self.proc.wait(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.stop()
             raise
         return subprocess.CompletedProcess(self.proc.args, rc, self.log.with_suffix(".out").read_text(),
                                            self.log.with_suffix(".err").read_text())
 
 
+    def stop(self) -> None:
+        """Kill the job's process group (torchrun's workers too) if it still runs."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
 def _start(argv: list[str], log: Path) -> Job:
     """`argv` in the background, stdout and stderr to files (pipes could fill up while we wait on another job)."""
     with log.with_suffix(".out").open("w") as out, log.with_suffix(".err").open("w") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=_env(), cwd=log.parent)
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=_env(), cwd=log.parent, start_new_session=True)
     return Job(proc, log)
+
+
+@contextlib.contextmanager
+def _stopped_on_exit(*jobs: Job):
+    """No job outlives a failing fixture."""
+    try:
+        yield
+    finally:
+        for job in jobs:
+            job.stop()
 
 
 def _sft(policy: Path, data: Path, out: Path, *overrides: str, resume: bool = False) -> list[str]:
@@ -68,6 +88,28 @@ def _torchrun(args: list[str], nproc: int) -> list[str]:
     # --standalone: torchrun picks a free rendezvous port itself (no race with another test's port)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
             "--module", "mmsearch.cli.main", *args]
+
+
+def _run_here(args: list[str]) -> subprocess.CompletedProcess:
+    """`mmsearch *args` through the CLI's entry point in this process, one thread, output captured.
+
+    The run seeds the global generators and sets environment variables; both are put back after it.
+    """
+    from mmsearch.cli.main import main
+    from mmsearch.sft.checkpoint import rng_state, set_rng_state
+
+    out, err = io.StringIO(), io.StringIO()
+    threads, rng, env = torch.get_num_threads(), rng_state(), dict(os.environ)
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(args)
+    finally:
+        torch.set_num_threads(threads)
+        set_rng_state(rng)
+        os.environ.clear()
+        os.environ.update(env)
+    return subprocess.CompletedProcess(["mmsearch", *args], rc, out.getvalue(), err.getvalue())
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -95,10 +137,9 @@ def ddp_runs(policy_dir: Path, gold_dataset: Path, tmp_path_factory: pytest.Temp
     steps = ["max_steps=2", "optim.lr=1e-3"]  # lr high enough that the weights move far more than the tolerance
     ddp = _start(_torchrun(_sft(policy_dir, gold_dataset, root / "ddp", *steps, "batch.grad_accum=1"), 2),
                  root / "ddp.log")
-    single = _start(_one_process(_sft(policy_dir, gold_dataset, root / "single", *steps, "batch.grad_accum=2")),
-                    root / "single.log")
-    _ok(ddp.wait())
-    _ok(single.wait())
+    with _stopped_on_exit(ddp):
+        _ok(_run_here(_sft(policy_dir, gold_dataset, root / "single", *steps, "batch.grad_accum=2")))  # meanwhile
+        _ok(ddp.wait())
     return {"ddp": root / "ddp", "single": root / "single"}
 
 
@@ -107,7 +148,7 @@ def test_ddp_matches_single_process_gradient_accumulation(ddp_runs, policy_dir: 
     assert [r["step"] for r in ddp_log] == [r["step"] for r in single_log] == [1, 2]
     for d, s in zip(ddp_log, single_log):
         assert d["trained_tokens"] == s["trained_tokens"]  # the same micro-batches per step
-        assert d["loss"] == pytest.approx(s["loss"], rel=1e-6, abs=0)
+        assert d["loss"] == pytest.approx(s["loss"], rel=1e-5, abs=0)
         assert d["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-5, abs=0)  # the global gradient, before clipping
         assert d["lr"] == s["lr"]
     assert json.loads((ddp_runs["ddp"] / "final" / "trainer_state" / "state.json").read_text())["step"] == 2
@@ -119,11 +160,15 @@ def test_ddp_matches_single_process_gradient_accumulation(ddp_runs, policy_dir: 
         torch.testing.assert_close(weight, single[name], rtol=0, atol=1e-5 * max(1.0, float(weight.abs().max())),
                                    msg=lambda m, name=name: f"{name}: {m}")
         moved = max(moved, float((weight - start[name]).abs().max()))
-    assert moved > 1e-3, "the runs barely trained, so their agreement shows nothing"
+    assert moved > 5e-4, "the runs barely trained, so their agreement shows nothing"
 
 
 def test_loss_is_normalized_over_the_whole_window_not_per_micro_batch(ddp_runs, policy_dir: Path, gold_dataset: Path):
-    """Step 1's logged loss = sum of token CE over both micro-batches / all their trained tokens (by hand)."""
+    """Step 1 by hand: loss and gradient of (token CE summed over both micro-batches) / (all their trained tokens).
+
+    The logged loss checks the reported number; the logged gradient norm (before clipping) checks what
+    was actually back-propagated, which a per-micro-batch mean would change even where the log did not.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from mmsearch.agent.setup import vision_from_processor
@@ -139,33 +184,42 @@ def test_loss_is_normalized_over_the_whole_window_not_per_micro_batch(ddp_runs, 
                               SampleLimits(512, TOKENS))
     first_step = plan_epoch([len(s.token_ids) for s in samples], TOKENS, 2, seed=0, epoch=0).steps[0]
     assert len(first_step) == 2
-    model = AutoModelForImageTextToText.from_pretrained(policy_dir, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(policy_dir, dtype=torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
     sums, counts = [], []
-    with torch.no_grad():
-        for micro_batch in first_step:
-            batch = collate([samples[i] for i in micro_batch], processor.tokenizer.pad_token_id or 0,
-                            builder.image_token_id)
-            logits = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}, use_cache=False).logits
-            logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-            nll = -logp.gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
-            trained = batch["loss_mask"][:, 1:].bool()
-            sums.append(float(nll[trained].sum()))
-            counts.append(int(trained.sum()))
-    window_mean = sum(sums) / sum(counts)
-    per_micro_batch_mean = sum(s / n for s, n in zip(sums, counts)) / len(sums)
+    for micro_batch in first_step:
+        batch = collate([samples[i] for i in micro_batch], processor.tokenizer.pad_token_id or 0, builder.image_token_id)
+        logits = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}, use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+        nll = -logp.gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
+        trained = batch["loss_mask"][:, 1:].bool()
+        sums.append(nll[trained].sum())
+        counts.append(int(trained.sum()))
+
+    def grad_norm(loss: torch.Tensor) -> float:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
+
+    window_loss = (sums[0] + sums[1]) / sum(counts)
+    per_micro_batch_loss = (sums[0] / counts[0] + sums[1] / counts[1]) / 2
+    window_norm, per_micro_batch_norm = grad_norm(window_loss), grad_norm(per_micro_batch_loss)
+    window_loss, per_micro_batch_loss = float(window_loss.detach()), float(per_micro_batch_loss.detach())
 
     assert counts[0] != counts[1], "the check needs micro-batches with different trained-token counts"
-    assert abs(window_mean - per_micro_batch_mean) > 1e-3  # the two normalizations are distinguishable here
+    # the two normalizations are apart by far more than the tolerances below (loss ~3e-4, gradient norm ~3%)
+    assert abs(window_loss - per_micro_batch_loss) > 1e-4 * window_loss
+    assert abs(window_norm - per_micro_batch_norm) > 1e-2 * window_norm
     for run in ("ddp", "single"):
         step1 = _train_log(ddp_runs[run])[0]
         assert step1["trained_tokens"] == sum(counts)
-        assert step1["loss"] == pytest.approx(window_mean, rel=1e-5), run
+        assert step1["loss"] == pytest.approx(window_loss, rel=2e-6), run
+        assert step1["grad_norm"] == pytest.approx(window_norm, rel=1e-4), run
 
 
 # -- 2. exact resume after SIGKILL -----------------------------------------------------------------------------------
 
 
-STEPS = 7
+STEPS = 7  # killed after step 5: steps 6-7 and two saves are the margin for the kill to land before the end
 RESUME_RUN = [f"max_steps={STEPS}", "save_every=2", "keep_checkpoints=2"]
 
 
@@ -197,36 +251,33 @@ def resume_runs(policy_dir: Path, gold_dataset: Path, tmp_path_factory: pytest.T
     root = tmp_path_factory.mktemp("sft_resume")
     straight = _start(_one_process(_sft(policy_dir, gold_dataset, root / "straight", *RESUME_RUN)), root / "straight.log")
     killed = _start(_one_process(_sft(policy_dir, gold_dataset, root / "resumed", *RESUME_RUN)), root / "killed.log")
-    _wait_for_step(killed, root / "resumed", 5)
-    killed.proc.send_signal(signal.SIGKILL)
-    killed.proc.wait()
-    assert killed.proc.returncode == -signal.SIGKILL
-    assert not (root / "resumed" / "final").exists(), "the run finished before it was killed"
-    killed_log = _train_log(root / "resumed")
+    with _stopped_on_exit(straight, killed):
+        _wait_for_step(killed, root / "resumed", 5)
+        killed.proc.send_signal(signal.SIGKILL)
+        killed.proc.wait()
+        assert killed.proc.returncode == -signal.SIGKILL
+        assert not (root / "resumed" / "final").exists(), "the run finished before it was killed"
+        killed_log = _train_log(root / "resumed")
 
-    # A checkpoint killed half-way through its save: higher step, but never renamed from .tmp.
-    half = root / "resumed" / "checkpoint-000099.tmp" / "trainer_state"
-    half.mkdir(parents=True)
-    (half / "state.json").write_text(json.dumps({"step": 99}))
-    shutil.copytree(root / "resumed", root / "refused")
+        # A checkpoint killed half-way through its save: higher step, but never renamed from .tmp.
+        half = root / "resumed" / "checkpoint-000099.tmp" / "trainer_state"
+        half.mkdir(parents=True)
+        (half / "state.json").write_text(json.dumps({"step": 99}))
+        shutil.copytree(root / "resumed", root / "refused")
 
-    # eval.* may change on resume (what is trained stays the same); optim.lr may not.
-    resumed = _start(_one_process(_sft(policy_dir, gold_dataset, root / "resumed", *RESUME_RUN, "eval.limit=3",
-                                       "eval.split=test", resume=True)), root / "resumed.log")
-    refused = _start(_one_process(_sft(policy_dir, gold_dataset, root / "refused", *RESUME_RUN, "optim.lr=5e-4",
-                                       resume=True)), root / "refused.log")
-    resumed_result = _ok(resumed.wait())
-    refused_result = refused.wait()
-    _ok(straight.wait())
-    return ResumeRuns(root / "straight", root / "resumed", killed_log, resumed_result.stdout, refused_result,
-                      root / "refused")
+        # eval.* may change on resume (what is trained stays the same); optim.lr may not.
+        resumed = _ok(_run_here(_sft(policy_dir, gold_dataset, root / "resumed", *RESUME_RUN, "eval.limit=3",
+                                     "eval.split=test", resume=True)))
+        refused = _run_here(_sft(policy_dir, gold_dataset, root / "refused", *RESUME_RUN, "optim.lr=5e-4", resume=True))
+        _ok(straight.wait())
+    return ResumeRuns(root / "straight", root / "resumed", killed_log, resumed.stdout, refused, root / "refused")
 
 
 def test_resume_after_kill_matches_the_uninterrupted_run(resume_runs: ResumeRuns):
     straight, resumed = _train_log(resume_runs.straight), _train_log(resume_runs.resumed)
     assert [r["step"] for r in straight] == list(range(1, STEPS + 1))
     assert max(r["step"] for r in resume_runs.killed_log) >= 5  # the kill left steps past the checkpoint in the log
-    assert "from" in resume_runs.resumed_stdout and "checkpoint-000004 at step 4" in resume_runs.resumed_stdout
+    assert "checkpoint-000004 at step 4" in resume_runs.resumed_stdout  # not the half-written checkpoint-000099.tmp
     # the log was cut back to the checkpoint and continued: no step twice, the same numbers as without the kill
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     for a, b in zip(straight, resumed):
@@ -237,7 +288,7 @@ def test_resume_after_kill_matches_the_uninterrupted_run(resume_runs: ResumeRuns
         assert state["step"] == STEPS
     assert json.loads((resume_runs.resumed / "final" / "trainer_state" / "state.json").read_text())["config"]["eval"][
         "split"] == "test"
-    for name in ("final", f"checkpoint-{6:06d}"):
+    for name in ("final", "checkpoint-000006"):
         a, b = _state_dict(resume_runs.straight / name), _state_dict(resume_runs.resumed / name)
         assert a.keys() == b.keys()
         for key in a:

@@ -86,15 +86,31 @@ def load_trainer_state(folder: Path, model, parallel, info: DistInfo) -> dict:
     rng_file = state_dir / f"rng-rank{info.rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((state_dir / "state.json").read_text())
+    return saved_state(folder)
+
+
+def saved_state(folder: Path) -> dict:
+    return json.loads((folder / "trainer_state" / "state.json").read_text())
 
 
 def check_resumable(saved_config: dict, config: dict, folder: Path) -> None:
-    changed = sorted(k for k in set(saved_config) | set(config)
-                     if k not in RESUME_FREE_KEYS and saved_config.get(k) != config.get(k))
+    """Refuse to resume with a config that trains differently (e.g. optim.lr), naming the changed keys."""
+    old, new = _flatten(saved_config), _flatten(config)
+    changed = sorted(k for k in set(old) | set(new)
+                     if k.split(".")[0] not in RESUME_FREE_KEYS and old.get(k) != new.get(k))
     if changed:
         raise ValueError(f"cannot resume from {folder}: the config changed in {', '.join(changed)} "
                          f"(only {', '.join(sorted(RESUME_FREE_KEYS))} may change); start a new out dir instead")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def rng_state() -> dict:

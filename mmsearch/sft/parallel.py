@@ -44,7 +44,8 @@ def init_distributed(device: str) -> DistInfo:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # Token counts and logged sums are all-reduced as CPU tensors: gloo carries those next to NCCL.
+        dist.init_process_group("cuda:nccl,cpu:gloo" if device.startswith("cuda") else "gloo")
     return DistInfo(rank, world, local, device)
 
 

@@ -35,6 +35,7 @@ from mmsearch.sft.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
     save_checkpoint,
+    saved_state,
 )
 from mmsearch.sft.config import SFTConfig
 from mmsearch.sft.loss import CausalLMLoss, window_scale
@@ -56,6 +57,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     resume_from = latest_checkpoint(out) if resume else None
     if resume and resume_from is None and info.is_main:
         print(f"no checkpoint in {out} to resume: starting a new run")
+    if resume_from is not None:  # before anything is loaded, so a changed config fails with its own message
+        check_resumable(saved_state(resume_from)["config"], config_dict, resume_from)
     if resume_from is None and info.is_main and (out / "final").exists():
         raise ValueError(f"{out} already holds a finished run; pass --resume to continue it or choose another out dir")
     _seed_everything(cfg.seed)
@@ -112,7 +115,6 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "trained_tokens": 0, "seen_tokens": 0, "train_s": 0.0}
     if resume_from is not None:
         saved = load_trainer_state(resume_from, model, parallel, info)
-        check_resumable(saved["config"], config_dict, resume_from)
         state = {k: saved[k] for k in state}
         if state["step"] >= total_steps and (out / "result.json").is_file():
             if info.is_main:
@@ -151,6 +153,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
                     micro_loss, _ = parallel.module(batch)
                 parallel.backward(micro_loss * scale)
             loss_sum += float(micro_loss.detach())
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
         grad_norm = parallel.step()
         state["train_s"] += time.perf_counter() - t0
         state["step"] += 1
@@ -165,9 +168,11 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
         window["grad_norm"] = max(window["grad_norm"], grad_norm)
         bar.update(1)
 
-        if info.is_main and (state["step"] % cfg.log_every == 0 or state["step"] == total_steps):
+        saving = bool(cfg.save_every) and state["step"] % cfg.save_every == 0
+        # a checkpoint step always closes a logging window, so a resumed run logs the same windows
+        if info.is_main and (state["step"] % cfg.log_every == 0 or state["step"] == total_steps or saving):
             elapsed = time.perf_counter() - window["start"]
-            record = {"loss": window["loss_sum"] / max(1, window["tokens"]), "lr": scheduler.get_last_lr()[0],
+            record = {"loss": window["loss_sum"] / max(1, window["tokens"]), "lr": lr,
                       "grad_norm": window["grad_norm"], "epoch": state["epoch"],
                       "trained_tokens_per_s": window["tokens"] / elapsed, "tokens_per_s": window["seen"] / elapsed,
                       "trained_tokens": state["trained_tokens"], "train_s": state["train_s"]}
@@ -178,7 +183,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
         if cfg.eval.every and (state["step"] % cfg.eval.every == 0) and not done:
             last_eval = _evaluate(evaluator, metrics, state["step"], info)
             model.train()
-        if cfg.save_every and state["step"] % cfg.save_every == 0 and not done:
+        if saving and not done:
             save_checkpoint(out, checkpoint_name(state["step"]), model, processor, parallel,
                             {**state, "config": config_dict}, info, cfg.keep_checkpoints)
             if info.is_main:
