@@ -1,28 +1,32 @@
 """Cold-start SFT throughput: the mmsearch trainer step against a plain `transformers.Trainer`.
 
     python benchmarks/bench_sft.py --model runs/demo/policy --data runs/demo/dataset \
-        [--samples 256] [--steps 12] [--rounds 2] [--seconds 0] [--out sft.json]
+        [--samples 128] [--steps 10] [--seconds 0] [--warmup 2] [--out sft.json]
 
 The samples are built once, here, with `mmsearch.sft.samples.load_samples` (the first `--samples`
 train rows) and handed to both sides through one pickle, so both train on the same token ids,
-loss masks and pixels. Each side runs in its own process (so its peak memory is its own), and the
-two alternate for `--rounds` rounds (A B, B A, ...), so a load change on the machine hits both:
+loss masks and pixels:
 - ours: the step of `mmsearch/sft/train.py` from its library parts: token-budget, length-grouped
   micro-batches (`plan_epoch`), `collate`, `CausalLMLoss` (LM head on trained positions only), the
   window-normalized loss, AdamW and the schedule through `TorchParallel`;
 - baseline: `transformers.Trainer` on a fresh copy of the same model, labels -100 off the loss
-  mask, the batch padded to its longest, `--hf-batch-size` samples per step in random order.
-Both use the recipe's optimizer settings (`--config`, default configs/sft/tiny.yaml). The first
-`--warmup` steps are not timed; a step is timed from the end of the previous one, so it includes
-fetching and collating its batch. Model FLOPs (formula in BENCHMARKS.md) are counted the same way
-for both sides, over real tokens only, and divided by the fp32 matmul throughput measured here.
-Prints a Markdown table (progress goes to stderr).
+  mask, each batch padded to its longest, `--hf-batch-size` samples per step in random order.
+Both use the recipe's optimizer settings (`--config`, default configs/sft/tiny.yaml).
+
+Each side runs in its own process, so its peak memory is its own. This script drives the two one
+optimizer step at a time (A B B A A B ...), the idle one blocked on its pipe, so a change of load on
+a shared machine hits both alike. The first `--warmup` steps of each are not timed. A step is timed
+from the moment it is released to the end of its optimizer step, so it includes fetching and
+collating its batch. The fp32 matmul throughput is measured between steps; model FLOPs (formula in
+BENCHMARKS.md) are counted the same way for both sides, over real tokens only. Prints a Markdown
+table (progress goes to stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import resource
 import statistics
@@ -37,7 +41,9 @@ import torch
 from mmsearch.config import load_config
 from mmsearch.sft.config import SFTConfig
 
-SIDES = {"ours": "mmsearch trainer", "hf": "transformers.Trainer"}
+SIDES = {"ours": "mmsearch trainer", "hf": "transformers.Trainer",
+         "ours_full_head": "ablation: mmsearch batches, LM head on every token"}
+PREFIX = "@@bench_sft "  # protocol lines on a worker's stdout; anything else it prints is passed over
 
 
 def log(message: str) -> None:
@@ -46,7 +52,22 @@ def log(message: str) -> None:
 
 # ---------------------------------------------------------------- machine and model FLOPs
 
-def matmul_gflops(device: str, n: int = 2048, reps: int = 5) -> float:
+def machine_busy_s() -> float | None:
+    """Busy CPU seconds of the whole machine since boot, summed over cores (Linux /proc/stat), else None."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal; guest time is inside user
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(device: str, n: int = 2048, reps: int = 3) -> float:
     """Best-of-`reps` fp32 `torch.mm` throughput of an n x n product, in GFLOP/s."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)
@@ -61,12 +82,11 @@ def matmul_gflops(device: str, n: int = 2048, reps: int = 5) -> float:
 
 
 def model_shape(model) -> dict:
-    """Parameter counts by where they apply (per token, per trained token, per patch) and attention widths."""
+    """Parameter counts by what they apply to (token, trained token, patch, merged patch) and attention widths."""
     lm, visual = model.model.language_model, model.model.visual
     tcfg, vcfg = model.config.text_config, model.config.vision_config
     merger = sum(p.numel() for p in visual.merger.parameters())
-    depth = vcfg.depth
-    full_blocks = len(getattr(vcfg, "fullatt_block_indexes", range(depth)))
+    full_blocks = len(getattr(vcfg, "fullatt_block_indexes", range(vcfg.depth)))
     head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
     return {
         "text_body": sum(p.numel() for n, p in lm.named_parameters() if not n.startswith("embed_tokens")),
@@ -75,65 +95,109 @@ def model_shape(model) -> dict:
         "merger": merger,
         "merge": vcfg.spatial_merge_size**2,
         "layers": tcfg.num_hidden_layers, "attn_width": tcfg.num_attention_heads * head_dim,
-        "vision_full_blocks": full_blocks, "vision_window_blocks": depth - full_blocks,
+        "vision_full_blocks": full_blocks, "vision_window_blocks": vcfg.depth - full_blocks,
         "vision_width": getattr(vcfg, "hidden_size", None) or vcfg.embed_dim,
         "vision_window_patches": (getattr(vcfg, "window_size", 0) // vcfg.patch_size) ** 2,
     }
 
 
 def step_flops(shape: dict, lengths: list[int], trained: int, patches: list[int]) -> float:
-    """Model FLOPs of one forward + backward over real tokens (padding excluded, LM head on trained tokens)."""
+    """Model FLOPs of one forward + backward over real tokens (padding excluded, LM head on trained tokens).
+
+    6 per parameter per token it applies to; causal text attention needs half the score matrix, so
+    QK^T and AV are 2 * n^2 * width forward per layer (x3 with backward); the vision attention is
+    bidirectional, full or windowed per block.
+    """
     dense = 6 * (shape["text_body"] * sum(lengths) + shape["lm_head"] * trained
                  + shape["vision"] * sum(patches) + shape["merger"] * sum(patches) / shape["merge"])
-    attention = 12 * shape["layers"] * shape["attn_width"] * sum(n * n for n in lengths)
+    attention = 6 * shape["layers"] * shape["attn_width"] * sum(n * n for n in lengths)
     window = shape["vision_window_patches"] or 10**9
     vision_attention = 12 * shape["vision_width"] * sum(
         shape["vision_full_blocks"] * p * p + shape["vision_window_blocks"] * p * min(p, window) for p in patches)
     return dense + attention + vision_attention
 
 
-# ---------------------------------------------------------------- the two workers
+# ---------------------------------------------------------------- the worker side
 
-class StepLog:
-    """Per optimizer step: wall time since the previous step ended, tokens, FLOPs."""
+class Driven:
+    """A worker's end of the protocol: report each step, then wait for the driver's "go" or "stop"."""
 
-    def __init__(self, device: str, shape: dict, warmup: int, steps: int, seconds: float):
-        self.device, self.shape, self.warmup, self.steps, self.seconds = device, shape, warmup, steps, seconds
-        self.records: list[dict] = []
-        self.pending: dict | None = None
-        self.last: float | None = None
-        self.start = self.timed_s = 0.0
+    def __init__(self, device: str):
+        self.device = device
+        self.shape: dict = {}
+        self.batch_stats: dict | None = None
+        self.released = self.cpu_at_release = 0.0
+        self.machine_at_release: float | None = None
+        self.start_mib = 0.0
+
+    def ready(self, shape: dict) -> bool:
+        """Loaded (model, optimizer, samples): mark memory and wait for the first step's release."""
+        self.shape = shape
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self.start_mib = torch.cuda.memory_allocated() / 2**20
+        else:
+            import psutil
+
+            self.start_mib = psutil.Process().memory_info().rss / 2**20
+        return self._send_and_wait({"ready": True})
 
     def batch(self, lengths: list[int], padded: int, trained: int, grids: list[list[int]]) -> None:
+        """Count one micro-batch of the running step."""
         patches = [t * h * w for t, h, w in grids]
-        if self.pending is None:
-            self.pending = {"samples": 0, "tokens": 0, "padded": 0, "trained": 0, "flops": 0.0}
-        p = self.pending
-        p["samples"] += len(lengths)
-        p["tokens"] += sum(lengths)
-        p["padded"] += padded
-        p["trained"] += trained
-        p["flops"] += step_flops(self.shape, lengths, trained, patches)
+        stats = self.batch_stats or {"samples": 0, "tokens": 0, "padded": 0, "trained": 0, "flops": 0.0}
+        stats["samples"] += len(lengths)
+        stats["tokens"] += sum(lengths)
+        stats["padded"] += padded
+        stats["trained"] += trained
+        stats["flops"] += step_flops(self.shape, lengths, trained, patches)
+        self.batch_stats = stats
 
     def step_end(self) -> bool:
-        """Record the step; True when the budget is spent. The clock starts at the end of the warmup steps."""
+        """After the optimizer step: report it; True when the driver says stop."""
         _sync(self.device)
-        now = time.perf_counter()
-        self.pending["s"] = now - self.last if self.last is not None else 0.0
-        self.records.append(self.pending)
-        self.pending, self.last = None, now
-        if len(self.records) == self.warmup:
-            self.start = now
-        if len(self.records) <= self.warmup:
-            return False
-        self.timed_s = now - self.start
-        return len(self.records) - self.warmup >= self.steps or 0 < self.seconds <= self.timed_s
+        wall, cpu, machine = time.perf_counter() - self.released, time.process_time(), machine_busy_s()
+        record, self.batch_stats = {**self.batch_stats, "s": wall}, None
+        if machine is not None and self.machine_at_release is not None:
+            # CPU time the rest of the machine used during this step, as a share of all its cores
+            others = (machine - self.machine_at_release) - (cpu - self.cpu_at_release)
+            record["other_load"] = max(0.0, others) / (wall * (os.cpu_count() or 1))
+        return self._send_and_wait(record)
 
-    def timed(self) -> list[dict]:
-        return self.records[self.warmup:]
+    def finish(self) -> None:
+        if self.device.startswith("cuda"):
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        print(PREFIX + json.dumps({"final": True, "peak_mib": peak, "start_mib": self.start_mib, "shape": self.shape,
+                                   "device": self.device, "threads": torch.get_num_threads()}), flush=True)
+
+    def _send_and_wait(self, message: dict) -> bool:
+        print(PREFIX + json.dumps(message), flush=True)
+        command = sys.stdin.readline().strip()
+        self.released, self.cpu_at_release, self.machine_at_release = (
+            time.perf_counter(), time.process_time(), machine_busy_s())
+        return command != "go"
 
 
-def run_ours(cfg: SFTConfig, samples, pad_id: int, image_token_id: int, device: str, steplog: StepLog) -> None:
+class FullHeadLoss(torch.nn.Module):
+    """Ablation of `CausalLMLoss`: the model's own causal-LM loss, with logits at every position."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        from mmsearch.logprobs import MODEL_INPUTS
+
+        labels = torch.where(batch["loss_mask"].bool(), batch["input_ids"], -100)
+        n = int(labels[:, 1:].ne(-100).sum())
+        out = self.model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}, labels=labels, use_cache=False)
+        return out.loss * n, n  # the sum, as CausalLMLoss returns it
+
+
+def run_ours(cfg: SFTConfig, samples, pad_id: int, image_token_id: int, driven: Driven, max_steps: int,
+             full_head: bool = False) -> None:
     from mmsearch.logprobs import collate
     from mmsearch.sft.batching import plan_epoch
     from mmsearch.sft.loss import CausalLMLoss, window_scale
@@ -141,17 +205,18 @@ def run_ours(cfg: SFTConfig, samples, pad_id: int, image_token_id: int, device: 
     from mmsearch.sft.parallel import DistInfo, TorchParallel
     from mmsearch.sft.train import lr_lambda
 
+    device = driven.device
     model = load_policy(cfg, cfg.model, device)
-    steplog.shape = model_shape(model)
     lengths = [len(s.token_ids) for s in samples]
     trained = [sum(s.loss_mask[1:]) for s in samples]
-    total_steps = steplog.warmup + steplog.steps
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay, foreach=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    parallel = TorchParallel(CausalLMLoss(model), optimizer, scheduler, DistInfo(device=device), cfg.optim.max_grad_norm)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
+    module = FullHeadLoss(model) if full_head else CausalLMLoss(model)
+    parallel = TorchParallel(module, optimizer, scheduler, DistInfo(device=device), cfg.optim.max_grad_norm)
     model.train()
-    memory_mark(device)
+    if driven.ready(model_shape(model)):
+        return
     epoch, steps = 0, []
     while True:
         if not steps:
@@ -165,14 +230,14 @@ def run_ours(cfg: SFTConfig, samples, pad_id: int, image_token_id: int, device: 
             with parallel.accumulating(last=k == len(mine) - 1):
                 loss, _ = parallel.module(batch)
                 parallel.backward(loss * scale)
-            steplog.batch([lengths[i] for i in ids], batch["input_ids"].numel(), sum(trained[i] for i in ids),
-                          [g for i in ids for g in samples[i].image_grid_thw])
+            driven.batch([lengths[i] for i in ids], batch["input_ids"].numel(), sum(trained[i] for i in ids),
+                         [g for i in ids for g in samples[i].image_grid_thw])
         parallel.step()
-        if steplog.step_end():
+        if driven.step_end():
             return
 
 
-class _HFSamples(torch.utils.data.Dataset):
+class HFSamples(torch.utils.data.Dataset):
     """Each sample as the standard HF causal-LM fields: labels are the ids, -100 where the loss mask is 0."""
 
     def __init__(self, samples):
@@ -191,7 +256,7 @@ class _HFSamples(torch.utils.data.Dataset):
 
 
 def pad_to_longest(pad_id: int, image_token_id: int):
-    """Plain padding: right-pad every field to the batch's longest; pixels concatenated in sample order."""
+    """Plain padding: every row right-padded to the batch's longest; pixels concatenated in sample order."""
 
     def collator(items: list[dict]) -> dict:
         longest = max(len(x["input_ids"]) for x in items)
@@ -202,7 +267,7 @@ def pad_to_longest(pad_id: int, image_token_id: int):
             n = len(x["input_ids"])
             ids[row, :n], labels[row, :n], mask[row, :n] = x["input_ids"], x["labels"], 1
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                 "mm_token_type_ids": (ids == image_token_id).int()}
+                 "mm_token_type_ids": (ids == image_token_id).int()}  # Qwen2.5-VL's 3-D rotary positions need it
         with_pixels = [x for x in items if "pixel_values" in x]
         if with_pixels:
             batch["pixel_values"] = torch.cat([x["pixel_values"] for x in with_pixels])
@@ -212,93 +277,93 @@ def pad_to_longest(pad_id: int, image_token_id: int):
     return collator
 
 
-def run_hf(cfg: SFTConfig, samples, pad_id: int, image_token_id: int, device: str, steplog: StepLog,
+def run_hf(cfg: SFTConfig, samples, pad_id: int, image_token_id: int, driven: Driven, max_steps: int,
            batch_size: int, workdir: str) -> None:
     from transformers import AutoModelForImageTextToText, Trainer, TrainerCallback, TrainingArguments
 
-    class Timer(TrainerCallback):
+    class Driver(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            memory_mark(device)  # after the Trainer has built its optimizer and dataloader
+            if driven.ready(model_shape(model)):
+                control.should_training_stop = True
 
         def on_step_end(self, args, state, control, **kwargs):
-            if steplog.step_end():
+            if driven.step_end():
                 control.should_training_stop = True
 
     class CountingTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             mask = inputs["attention_mask"]
-            steplog.batch(mask.sum(1).tolist(), mask.numel(), int(inputs["labels"][:, 1:].ne(-100).sum()),
-                          inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else [])
+            driven.batch(mask.sum(1).tolist(), mask.numel(), int(inputs["labels"][:, 1:].ne(-100).sum()),
+                         inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else [])
             return super().training_step(model, inputs, num_items_in_batch)
 
     model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=torch.float32)
-    steplog.shape = model_shape(model)
     o = cfg.optim
     schedule = {"cosine": ("cosine_with_min_lr", {"min_lr_rate": o.min_lr_ratio}), "linear": ("linear", {}),
                 "constant": ("constant_with_warmup", {})}[o.schedule]
     args = TrainingArguments(
-        output_dir=workdir, max_steps=steplog.warmup + steplog.steps, per_device_train_batch_size=batch_size,
+        output_dir=workdir, max_steps=max_steps, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=cfg.batch.grad_accum, learning_rate=o.lr, adam_beta1=o.betas[0],
         adam_beta2=o.betas[1], weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, warmup_steps=o.warmup_steps,
         lr_scheduler_type=schedule[0], lr_scheduler_kwargs=schedule[1], seed=cfg.seed, data_seed=cfg.seed,
         remove_unused_columns=False, eval_strategy="no", save_strategy="no", logging_strategy="no", report_to=[],
-        disable_tqdm=True, use_cpu=device == "cpu", dataloader_num_workers=0, bf16=False, fp16=False,
+        disable_tqdm=True, use_cpu=driven.device == "cpu", dataloader_num_workers=0, bf16=False, fp16=False,
     )
-    trainer = CountingTrainer(model=model, args=args, train_dataset=_HFSamples(samples),
-                              data_collator=pad_to_longest(pad_id, image_token_id), callbacks=[Timer()])
+    trainer = CountingTrainer(model=model, args=args, train_dataset=HFSamples(samples),
+                              data_collator=pad_to_longest(pad_id, image_token_id), callbacks=[Driver()])
     trainer.train()
 
 
-_MARK: dict = {}
-
-
-def memory_mark(device: str) -> None:
-    """Memory when training starts (model, optimizer and samples loaded)."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        _MARK["start_mib"] = torch.cuda.memory_allocated() / 2**20
-    else:
-        import psutil
-
-        _MARK["start_mib"] = psutil.Process().memory_info().rss / 2**20
-
-
-def memory_peak(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def worker(args: argparse.Namespace) -> None:
+    from transformers.utils import logging as hf_logging
+
     from tools.device import resolve_device
 
+    hf_logging.disable_progress_bar()
     cfg = load_config(SFTConfig, args.config, {"model": args.model, "data": args.data})
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     with open(args.samples_file, "rb") as f:
         shared = pickle.load(f)
-    steplog = StepLog(device, {}, args.warmup, args.steps, args.seconds)
-    common = (cfg, shared["samples"], shared["pad_id"], shared["image_token_id"], device, steplog)
-    if args.worker == "ours":
-        run_ours(*common)
+    driven = Driven(resolve_device(cfg.device))
+    common = (cfg, shared["samples"], shared["pad_id"], shared["image_token_id"], driven, args.warmup + args.steps)
+    if args.worker in ("ours", "ours_full_head"):
+        run_ours(*common, full_head=args.worker == "ours_full_head")
     else:
         with tempfile.TemporaryDirectory(prefix="bench_sft_hf_") as workdir:
             run_hf(*common, args.hf_batch_size, workdir)
-    timed = steplog.timed()
-    result = {"side": args.worker, "device": device, "threads": torch.get_num_threads(), "steps": len(timed),
-              "seconds": sum(r["s"] for r in timed), "peak_mib": memory_peak(device), "start_mib": _MARK["start_mib"],
-              "shape": steplog.shape, "step_seconds": [r["s"] for r in timed]}
-    for key in ("samples", "tokens", "padded", "trained", "flops"):
-        result[key] = sum(r[key] for r in timed)
-    Path(args.result).write_text(json.dumps(result))
+    driven.finish()
 
 
 # ---------------------------------------------------------------- the driver
+
+class Worker:
+    def __init__(self, side: str, cmd: list[str]):
+        self.side = side
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.records: list[dict] = []
+        self.done = False
+        self.final: dict = {}
+
+    def receive(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(PREFIX):
+                return json.loads(line[len(PREFIX):])
+        raise RuntimeError(f"the {self.side} worker exited with {self.proc.wait()} (its stderr is above)")
+
+    def send(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def step(self) -> dict:
+        self.send("go")
+        self.records.append(self.receive())
+        return self.records[-1]
+
+    def stop(self) -> None:
+        self.send("stop")
+        self.final = self.receive()
+        self.proc.wait()
+
 
 def build_samples(args: argparse.Namespace, path: Path) -> dict:
     from transformers import AutoProcessor
@@ -314,9 +379,9 @@ def build_samples(args: argparse.Namespace, path: Path) -> dict:
     processor = AutoProcessor.from_pretrained(cfg.model)
     builder = TrajectoryBuilder(processor)
     limits = SampleLimits(cfg.batch.max_tool_response_tokens, cfg.batch.max_seq_tokens)
+    vision = vision_from_processor(processor, VisionResizeConfig())
     t0 = time.perf_counter()
-    samples, report = load_samples(cfg.data, cfg.train_split, builder, vision_from_processor(processor, VisionResizeConfig()),
-                                   limits, limit=args.samples)
+    samples, report = load_samples(cfg.data, cfg.train_split, builder, vision, limits, limit=args.samples)
     info = {"samples": len(samples), "build_s": time.perf_counter() - t0,
             "mean_tokens": statistics.mean(len(s.token_ids) for s in samples),
             "mean_trained": statistics.mean(sum(s.loss_mask[1:]) for s in samples),
@@ -328,16 +393,19 @@ def build_samples(args: argparse.Namespace, path: Path) -> dict:
     return info
 
 
-def summarize(runs: list[dict], gflops: float) -> dict:
-    seconds = sum(r["seconds"] for r in runs)
-    total = {k: sum(r[k] for r in runs) for k in ("steps", "samples", "tokens", "padded", "trained", "flops")}
-    return {**total, "seconds": seconds, "trained_per_s": total["trained"] / seconds,
+def summarize(records: list[dict], final: dict, gflops: float) -> dict:
+    keys = ("samples", "tokens", "padded", "trained", "flops", "s")
+    total = {k: sum(r[k] for r in records) for k in keys}
+    steps, seconds = len(records), total.pop("s")
+    return {**total, "steps": steps, "seconds": seconds, "trained_per_s": total["trained"] / seconds,
             "tokens_per_s": total["tokens"] / seconds, "padding_share": 1 - total["tokens"] / total["padded"],
-            "s_per_step": seconds / total["steps"], "samples_per_step": total["samples"] / total["steps"],
-            "padded_per_step": total["padded"] / total["steps"], "model_gflops_per_s": total["flops"] / seconds / 1e9,
-            "mfu": total["flops"] / seconds / 1e9 / gflops,
-            "peak_mib": max(r["peak_mib"] for r in runs), "start_mib": max(r["start_mib"] for r in runs),
-            "rounds_trained_per_s": [r["trained"] / r["seconds"] for r in runs]}
+            "s_per_step": seconds / steps, "samples_per_step": total["samples"] / steps,
+            "padded_per_step": total["padded"] / steps, "tokens_per_sample": total["tokens"] / total["samples"],
+            "model_gflops_per_s": total["flops"] / seconds / 1e9, "mfu": total["flops"] / seconds / 1e9 / gflops,
+            "peak_mib": final["peak_mib"], "start_mib": final["start_mib"],
+            "other_load": statistics.mean(r.get("other_load", float("nan")) for r in records),
+            "step_s": [round(r["s"], 3) for r in records],
+            "step_other_load": [round(r.get("other_load", float("nan")), 3) for r in records]}
 
 
 def main() -> None:
@@ -345,19 +413,19 @@ def main() -> None:
     parser.add_argument("--model", default="runs/demo/policy", help="policy dir (model + processor)")
     parser.add_argument("--data", default="runs/demo/dataset", help="dataset dir from mmsearch synth, with gold messages")
     parser.add_argument("--config", default="configs/sft/tiny.yaml", help="SFT recipe: token budget and optimizer")
-    parser.add_argument("--samples", type=int, default=256, help="use the first N train rows")
-    parser.add_argument("--steps", type=int, default=12, help="timed optimizer steps per side per round")
-    parser.add_argument("--seconds", type=float, default=0, help="> 0: also stop a side's round after this many s")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each run")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both sides (A B, B A, ...)")
+    parser.add_argument("--samples", type=int, default=128, help="use the first N train rows")
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side")
+    parser.add_argument("--seconds", type=float, default=0, help="> 0: also stop a side after this many timed s")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each side")
     parser.add_argument("--hf-batch-size", type=int, default=8, help="baseline samples per step")
+    parser.add_argument("--ablate", action="store_true",
+                        help="add a third side: our batches with the LM head on every token (splits the ratio)")
+    parser.add_argument("--quiet-load", type=float, default=0.1,
+                        help="also report the steps during which other processes used less than this share of the CPU")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--samples-file", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.warmup < 1:
-        parser.error("--warmup must be >= 1: a step is timed from the end of the one before")
     if args.worker:
         worker(args)
         return
@@ -366,48 +434,81 @@ def main() -> None:
 
     device = resolve_device(load_config(SFTConfig, args.config).device)
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
-        data = build_samples(args, Path(tmp, "samples.pkl"))
+        samples_file = Path(tmp, "samples.pkl")
+        data = build_samples(args, samples_file)
+        workers = {side: Worker(side, [sys.executable, __file__, "--worker", side, "--samples-file", str(samples_file),
+                                       "--model", args.model, "--data", args.data, "--config", args.config,
+                                       "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                       "--hf-batch-size", str(args.hf_batch_size)])
+                   for side in SIDES if side != "ours_full_head" or args.ablate}
+        for w in workers.values():
+            w.receive()  # ready: loaded and waiting
         gflops = [matmul_gflops(device)]
-        runs: dict[str, list[dict]] = {side: [] for side in SIDES}
-        for round_ in range(args.rounds):
-            for side in (list(SIDES) if round_ % 2 == 0 else list(SIDES)[::-1]):
-                result = Path(tmp, f"{side}-{round_}.json")
-                cmd = [sys.executable, __file__, "--worker", side, "--samples-file", str(Path(tmp, "samples.pkl")),
-                       "--result", str(result), "--model", args.model, "--data", args.data, "--config", args.config,
-                       "--steps", str(args.steps), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
-                       "--hf-batch-size", str(args.hf_batch_size)]
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                runs[side].append(json.loads(result.read_text()))
-                r = runs[side][-1]
-                log(f"round {round_ + 1} {side}: {r['steps']} steps in {r['seconds']:.1f} s, "
-                    f"{r['trained'] / r['seconds']:.0f} trained tok/s, peak {r['peak_mib']:.0f} MiB")
+        order = list(workers.values())
+        while not all(w.done for w in order):
+            for w in order:
+                if w.done:
+                    continue
+                r = w.step()
+                timed = w.records[args.warmup:]
+                w.done = len(timed) >= args.steps or 0 < args.seconds <= sum(t["s"] for t in timed)
+                log(f"{w.side} step {len(w.records)}{' (warmup)' if not timed else ''}: {r['s']:.2f} s, "
+                    f"{r['samples']} samples, {r['padded']} padded / {r['tokens']} real / {r['trained']} trained tokens")
+            order.reverse()  # A B, B A, ...: no side always runs right after the same other
+            if len(order[0].records) % 4 == 0:
+                gflops.append(matmul_gflops(device))
         gflops.append(matmul_gflops(device))
+        for w in workers.values():
+            w.stop()
 
     best = max(gflops)
-    sides = {side: summarize(rs, best) for side, rs in runs.items()}
+    sides = {side: summarize(w.records[args.warmup:], w.final, best) for side, w in workers.items()}
     ours, hf = sides["ours"], sides["hf"]
-    ratios = [o["trained"] / o["seconds"] / (h["trained"] / h["seconds"]) for o, h in zip(runs["ours"], runs["hf"])]
-    results = {"device": device, "threads": runs["ours"][0]["threads"], "matmul_gflops": gflops, "data": data,
-               "shape": runs["ours"][0]["shape"], "args": {k: v for k, v in vars(args).items() if v is not None},
-               "sides": sides, "runs": runs, "ratio_pooled": ours["trained_per_s"] / hf["trained_per_s"],
-               "ratio_by_round": ratios, "ratio_median": statistics.median(ratios)}
+    final = workers["ours"].final
+    results = {"device": final["device"], "threads": final["threads"], "matmul_gflops_best": best,
+               "matmul_gflops_median": statistics.median(gflops), "matmul_gflops": gflops, "data": data,
+               "shape": final["shape"], "args": {k: v for k, v in vars(args).items() if v is not None}, "sides": sides,
+               "ratio_trained_per_s": ours["trained_per_s"] / hf["trained_per_s"],
+               "ratio_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"]}
 
     mem = "peak GPU MiB (over start)" if device.startswith("cuda") else "peak RSS MiB (over start)"
-    print(f"| side | steps | samples/step | padded tok/step | s/step | trained tok/s | all tok/s (non-pad) | "
-          f"padding share | {mem} | model GFLOP/s | MFU |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for side, s in sides.items():
+    print(f"| side | timed steps | samples/step | padded tok/step | s/step | trained tok/s | real tok/s | "
+          f"padding share | {mem} | model GFLOP/s | MFU | other load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    def row(side: str) -> None:
+        s = sides[side]
         print(f"| {SIDES[side]} | {s['steps']} | {s['samples_per_step']:.1f} | {s['padded_per_step']:.0f} | "
               f"{s['s_per_step']:.2f} | **{s['trained_per_s']:.0f}** | {s['tokens_per_s']:.0f} | "
               f"{s['padding_share']:.1%} | {s['peak_mib']:.0f} ({s['peak_mib'] - s['start_mib']:+.0f}) | "
-              f"{s['model_gflops_per_s']:.1f} | {s['mfu']:.1%} |")
-    print(f"| **ours / baseline** | | | | | **{results['ratio_pooled']:.2f}x** | "
-          f"{ours['tokens_per_s'] / hf['tokens_per_s']:.2f}x | | {ours['peak_mib'] / hf['peak_mib']:.2f}x | | |")
+              f"{s['model_gflops_per_s']:.1f} | {s['mfu']:.1%} | {s['other_load']:.0%} |")
+
+    row("ours")
+    row("hf")
+    print(f"| **ours / baseline** | | | | | **{results['ratio_trained_per_s']:.2f}x** | "
+          f"{results['ratio_tokens_per_s']:.2f}x | | {ours['peak_mib'] / hf['peak_mib']:.2f}x | | | |")
+    if "ours_full_head" in sides:
+        row("ours_full_head")
     print()
-    print(f"{data['samples']} samples ({data['mean_tokens']:.0f} tokens, {data['mean_trained']:.0f} trained on "
-          f"average), {device}, {results['threads']} torch threads; fp32 matmul {best:.0f} GFLOP/s "
-          f"(best of {', '.join(f'{g:.0f}' for g in gflops)}); trained-token ratio by round: "
-          f"{', '.join(f'{r:.2f}x' for r in ratios)} (median {results['ratio_median']:.2f}x)")
+    print(f"{data['samples']} samples ({data['mean_tokens']:.0f} tokens, {data['mean_trained']:.1f} trained on average); "
+          f"{results['device']}, {results['threads']} torch threads; fp32 matmul (2048^3) best {best:.0f} GFLOP/s, "
+          f"median {results['matmul_gflops_median']:.0f} over {len(gflops)} measurements between steps")
+    quiet = {side: [r for r in w.records[args.warmup:] if r.get("other_load", 1.0) < args.quiet_load]
+             for side, w in workers.items()}
+    if all(len(quiet[side]) >= 3 for side in ("ours", "hf")):
+        q = {side: summarize(rs, workers[side].final, best) for side, rs in quiet.items() if rs}
+        results["quiet"] = {"max_other_load": args.quiet_load, "sides": q,
+                            "ratio_trained_per_s": q["ours"]["trained_per_s"] / q["hf"]["trained_per_s"]}
+        print(f"Steps during which other processes used < {args.quiet_load:.0%} of the CPU: "
+              + "; ".join(f"{SIDES[side]} {s['steps']} steps, {s['trained_per_s']:.0f} trained tok/s, "
+                          f"MFU {s['mfu']:.1%}" for side, s in q.items())
+              + f"; ours / baseline **{results['quiet']['ratio_trained_per_s']:.2f}x**")
+    if "ours_full_head" in sides:
+        full = sides["ours_full_head"]["trained_per_s"]
+        results["split"] = {"lm_head_on_trained_only": ours["trained_per_s"] / full,
+                            "length_grouped_batches": full / hf["trained_per_s"]}
+        print(f"Where the ratio comes from: LM head on trained positions only "
+              f"{results['split']['lm_head_on_trained_only']:.2f}x (ours / ablation), token-budget length-grouped "
+              f"batches {results['split']['length_grouped_batches']:.2f}x (ablation / baseline)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

@@ -43,6 +43,10 @@ def main() -> None:
     policy = out / "policy"
     if not (policy / "config.json").exists():
         run(mmsearch + ["model", "init-tiny", "--config", "configs/model/tiny.yaml", "--kb", str(world), "--out", str(policy)])
+    sft_data = out / "sft_dataset"  # gold trajectories for the SFT benchmark (crop boxes in the policy's pixels)
+    if not (sft_data / "dataset_dict.json").exists():
+        run(mmsearch + ["synth", "--kb", str(world), "--index", str(index), "--out", str(sft_data), "--n", "300",
+                        "--processor", str(policy)])
 
     sections = [
         ("In-process search", [sys.executable, "benchmarks/bench_search.py", "--index", str(index),
@@ -54,6 +58,8 @@ def main() -> None:
                                                            "--json", str(out / "rollout.json")]),
         ("Dataset synthesis", [sys.executable, "benchmarks/bench_synth.py", "--kb", str(world), "--index", str(index),
                                "--policy", str(policy), "--json", str(out / "synth.json")]),
+        ("Cold-start SFT", [sys.executable, "benchmarks/bench_sft.py", "--model", str(policy), "--data", str(sft_data),
+                            "--out", str(out / "sft.json")]),
     ]
     report = []
     for title, cmd in sections:
