@@ -1,25 +1,29 @@
 """Cold-start SFT throughput: the mmsearch trainer step against a plain `transformers.Trainer`.
 
     python benchmarks/bench_sft.py --model runs/demo/policy --data runs/demo/dataset \
-        [--samples 128] [--steps 10] [--seconds 0] [--warmup 2] [--out sft.json]
+        [--samples 128] [--steps 10] [--seconds 0] [--warmup 2] [--ablate] [--out sft.json]
 
 The samples are built once, here, with `mmsearch.sft.samples.load_samples` (the first `--samples`
-train rows) and handed to both sides through one pickle, so both train on the same token ids,
-loss masks and pixels:
+train rows) and handed to every side through one pickle, so all train on the same token ids, loss
+masks and pixels:
 - ours: the step of `mmsearch/sft/train.py` from its library parts: token-budget, length-grouped
-  micro-batches (`plan_epoch`), `collate`, `CausalLMLoss` (LM head on trained positions only), the
-  window-normalized loss, AdamW and the schedule through `TorchParallel`;
+  micro-batches (`plan_epoch`), `collate`, `CausalLMLoss` (the prefix all rows of a micro-batch
+  share run once, the LM head only on trained positions), the window-normalized loss, AdamW and
+  the schedule through `TorchParallel`;
 - baseline: `transformers.Trainer` on a fresh copy of the same model, labels -100 off the loss
-  mask, each batch padded to its longest, `--hf-batch-size` samples per step in random order.
-Both use the recipe's optimizer settings (`--config`, default configs/sft/tiny.yaml).
+  mask, each batch padded to its longest, `--hf-batch-size` samples per step in random order;
+- with `--ablate`, ours without the shared prefix, and ours without it and with the model's own
+  loss (logits at every position), which splits the ratio into its three sources.
+All use the recipe's optimizer settings (`--config`, default configs/sft/tiny.yaml).
 
-Each side runs in its own process, so its peak memory is its own. This script drives the two one
-optimizer step at a time (A B B A A B ...), the idle one blocked on its pipe, so a change of load on
-a shared machine hits both alike. The first `--warmup` steps of each are not timed. A step is timed
-from the moment it is released to the end of its optimizer step, so it includes fetching and
-collating its batch. The fp32 matmul throughput is measured between steps; model FLOPs (formula in
-BENCHMARKS.md) are counted the same way for both sides, over real tokens only. Prints a Markdown
-table (progress goes to stderr).
+Each side runs in its own process, so its peak memory is its own. This script drives them one
+optimizer step at a time (A B, B A, ...), the idle ones blocked on their pipes, so a change of load
+on a shared machine hits all alike; each step also records how much CPU the rest of the machine
+used meanwhile, and the steps with little of it are summarized apart (`--quiet-load`). The first
+`--warmup` steps of each side are not timed. A step is timed from its release to the end of its
+optimizer step, so it includes fetching and collating its batch. The fp32 matmul throughput is
+measured between steps; model FLOPs (formula in BENCHMARKS.md) are counted the same way for every
+side, over real tokens only. Prints Markdown tables (progress goes to stderr).
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ from mmsearch.config import load_config
 from mmsearch.sft.config import SFTConfig
 
 SIDES = {"ours": "mmsearch trainer", "hf": "transformers.Trainer",
-         "ours_full_head": "ablation: mmsearch batches, LM head on every token"}
+         "no_prefix": "ablation: ours without the shared prefix",
+         "full_head": "ablation: ours without the shared prefix, LM head on every token"}
 PREFIX = "@@bench_sft "  # protocol lines on a worker's stdout; anything else it prints is passed over
 
 
@@ -117,6 +122,11 @@ def step_flops(shape: dict, lengths: list[int], trained: int, patches: list[int]
     return dense + attention + vision_attention
 
 
+def shared_prefix_flops(shape: dict, rows: int, prefix: int) -> float:
+    """Model FLOPs a micro-batch does not run when its `rows` share a `prefix` that is run once."""
+    return (rows - 1) * 6 * prefix * (shape["text_body"] + shape["layers"] * shape["attn_width"] * prefix)
+
+
 # ---------------------------------------------------------------- the worker side
 
 class Driven:
@@ -142,15 +152,17 @@ class Driven:
             self.start_mib = psutil.Process().memory_info().rss / 2**20
         return self._send_and_wait({"ready": True})
 
-    def batch(self, lengths: list[int], padded: int, trained: int, grids: list[list[int]]) -> None:
-        """Count one micro-batch of the running step."""
+    def batch(self, lengths: list[int], padded: int, trained: int, grids: list[list[int]], prefix: int = 0) -> None:
+        """Count one micro-batch of the running step (`prefix`: shared tokens it runs once)."""
         patches = [t * h * w for t, h, w in grids]
-        stats = self.batch_stats or {"samples": 0, "tokens": 0, "padded": 0, "trained": 0, "flops": 0.0}
+        stats = self.batch_stats or {"samples": 0, "tokens": 0, "padded": 0, "trained": 0, "flops": 0.0,
+                                     "skipped_flops": 0.0}
         stats["samples"] += len(lengths)
         stats["tokens"] += sum(lengths)
         stats["padded"] += padded
         stats["trained"] += trained
         stats["flops"] += step_flops(self.shape, lengths, trained, patches)
+        stats["skipped_flops"] += shared_prefix_flops(self.shape, len(lengths), prefix) if prefix else 0.0
         self.batch_stats = stats
 
     def step_end(self) -> bool:
@@ -197,10 +209,11 @@ class FullHeadLoss(torch.nn.Module):
 
 
 def run_ours(cfg: SFTConfig, samples, pad_id: int, image_token_id: int, driven: Driven, max_steps: int,
-             full_head: bool = False) -> None:
+             variant: str = "ours") -> None:
+    """`mmsearch/sft/train.py`'s step; `no_prefix` runs every row whole, `full_head` also takes the model's own loss."""
     from mmsearch.logprobs import collate
     from mmsearch.sft.batching import plan_epoch
-    from mmsearch.sft.loss import CausalLMLoss, window_scale
+    from mmsearch.sft.loss import CausalLMLoss, shared_prefix_len, window_scale
     from mmsearch.sft.model import load_policy, trainable_parameters
     from mmsearch.sft.parallel import DistInfo, TorchParallel
     from mmsearch.sft.train import lr_lambda
@@ -212,8 +225,13 @@ def run_ours(cfg: SFTConfig, samples, pad_id: int, image_token_id: int, driven: 
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
-    module = FullHeadLoss(model) if full_head else CausalLMLoss(model)
+    if variant == "full_head":
+        module = FullHeadLoss(model)
+    else:  # as train.py builds it
+        share = cfg.batch.share_prefix and not cfg.gradient_checkpointing and variant == "ours"
+        module = CausalLMLoss(model, share_prefix=share)
     parallel = TorchParallel(module, optimizer, scheduler, DistInfo(device=device), cfg.optim.max_grad_norm)
+    shared = getattr(module, "share_prefix", False)
     model.train()
     if driven.ready(model_shape(model)):
         return
@@ -227,11 +245,12 @@ def run_ours(cfg: SFTConfig, samples, pad_id: int, image_token_id: int, driven: 
         for k, ids in enumerate(mine):
             batch = collate([samples[i] for i in ids], pad_id, image_token_id)
             batch = {key: value.to(device) for key, value in batch.items()}
+            prefix = shared_prefix_len(batch, module.vision_token_ids) if shared else 0  # as CausalLMLoss finds it
             with parallel.accumulating(last=k == len(mine) - 1):
                 loss, _ = parallel.module(batch)
                 parallel.backward(loss * scale)
             driven.batch([lengths[i] for i in ids], batch["input_ids"].numel(), sum(trained[i] for i in ids),
-                         [g for i in ids for g in samples[i].image_grid_thw])
+                         [g for i in ids for g in samples[i].image_grid_thw], prefix)
         parallel.step()
         if driven.step_end():
             return
@@ -326,11 +345,11 @@ def worker(args: argparse.Namespace) -> None:
         shared = pickle.load(f)
     driven = Driven(resolve_device(cfg.device))
     common = (cfg, shared["samples"], shared["pad_id"], shared["image_token_id"], driven, args.warmup + args.steps)
-    if args.worker in ("ours", "ours_full_head"):
-        run_ours(*common, full_head=args.worker == "ours_full_head")
-    else:
+    if args.worker == "hf":
         with tempfile.TemporaryDirectory(prefix="bench_sft_hf_") as workdir:
             run_hf(*common, args.hf_batch_size, workdir)
+    else:
+        run_ours(*common, variant=args.worker)
     driven.finish()
 
 
@@ -394,18 +413,60 @@ def build_samples(args: argparse.Namespace, path: Path) -> dict:
 
 
 def summarize(records: list[dict], final: dict, gflops: float) -> dict:
-    keys = ("samples", "tokens", "padded", "trained", "flops", "s")
-    total = {k: sum(r[k] for r in records) for k in keys}
+    keys = ("samples", "tokens", "padded", "trained", "flops", "skipped_flops", "s")
+    total = {k: sum(r.get(k, 0) for r in records) for k in keys}
     steps, seconds = len(records), total.pop("s")
     return {**total, "steps": steps, "seconds": seconds, "trained_per_s": total["trained"] / seconds,
             "tokens_per_s": total["tokens"] / seconds, "padding_share": 1 - total["tokens"] / total["padded"],
             "s_per_step": seconds / steps, "samples_per_step": total["samples"] / steps,
             "padded_per_step": total["padded"] / steps, "tokens_per_sample": total["tokens"] / total["samples"],
             "model_gflops_per_s": total["flops"] / seconds / 1e9, "mfu": total["flops"] / seconds / 1e9 / gflops,
+            "skipped_share": total["skipped_flops"] / total["flops"],
+            "mfu_of_run_flops": (total["flops"] - total["skipped_flops"]) / seconds / 1e9 / gflops,
             "peak_mib": final["peak_mib"], "start_mib": final["start_mib"],
             "other_load": statistics.mean(r.get("other_load", float("nan")) for r in records),
             "step_s": [round(r["s"], 3) for r in records],
             "step_other_load": [round(r.get("other_load", float("nan")), 3) for r in records]}
+
+
+def print_table(sides: dict[str, dict], memory: str) -> dict:
+    """The Markdown table of one set of steps; returns the ratios."""
+    print(f"| side | timed steps | samples/step | padded tok/step | s/step | trained tok/s | real tok/s | "
+          f"padding share | {memory} | model GFLOP/s | MFU | other load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def row(side: str) -> None:
+        s = sides[side]
+        print(f"| {SIDES[side]} | {s['steps']} | {s['samples_per_step']:.1f} | {s['padded_per_step']:.0f} | "
+              f"{s['s_per_step']:.2f} | **{s['trained_per_s']:.0f}** | {s['tokens_per_s']:.0f} | "
+              f"{s['padding_share']:.1%} | {s['peak_mib']:.0f} ({s['peak_mib'] - s['start_mib']:+.0f}) | "
+              f"{s['model_gflops_per_s']:.1f} | {s['mfu']:.1%} | {s['other_load']:.0%} |")
+
+    ours, hf = sides["ours"], sides["hf"]
+    ratios = {"trained_per_s": ours["trained_per_s"] / hf["trained_per_s"],
+              "tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"], "peak_mib": ours["peak_mib"] / hf["peak_mib"]}
+    row("ours")
+    row("hf")
+    print(f"| **ours / baseline** | | | | | **{ratios['trained_per_s']:.2f}x** | {ratios['tokens_per_s']:.2f}x | | "
+          f"{ratios['peak_mib']:.2f}x | | | |")
+    for side in ("no_prefix", "full_head"):
+        if side in sides:
+            row(side)
+    print()
+    if "no_prefix" in sides and "full_head" in sides:
+        rate = {side: s["trained_per_s"] for side, s in sides.items()}
+        ratios["factors"] = {"shared_prefix": rate["ours"] / rate["no_prefix"],
+                             "lm_head_on_trained_only": rate["no_prefix"] / rate["full_head"],
+                             "length_grouped_batches": rate["full_head"] / rate["hf"]}
+        f = ratios["factors"]
+        print(f"Where the ratio comes from (trained tok/s): shared prefix run once {f['shared_prefix']:.2f}x, "
+              f"LM head on trained positions only {f['lm_head_on_trained_only']:.2f}x, token-budget length-grouped "
+              f"batches {f['length_grouped_batches']:.2f}x (product {ratios['trained_per_s']:.2f}x).")
+        print()
+    print(f"Ours runs each micro-batch's shared prefix once, {ours['skipped_share']:.0%} of the model FLOPs counted "
+          f"for it; on the FLOPs it does run, its utilisation is {ours['mfu_of_run_flops']:.1%}.")
+    print()
+    return ratios
 
 
 def main() -> None:
@@ -419,7 +480,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each side")
     parser.add_argument("--hf-batch-size", type=int, default=8, help="baseline samples per step")
     parser.add_argument("--ablate", action="store_true",
-                        help="add a third side: our batches with the LM head on every token (splits the ratio)")
+                        help="also run ours without the shared prefix, and without it and with the full LM head")
     parser.add_argument("--quiet-load", type=float, default=0.1,
                         help="also report the steps during which other processes used less than this share of the CPU")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -440,7 +501,7 @@ def main() -> None:
                                        "--model", args.model, "--data", args.data, "--config", args.config,
                                        "--steps", str(args.steps), "--warmup", str(args.warmup),
                                        "--hf-batch-size", str(args.hf_batch_size)])
-                   for side in SIDES if side != "ours_full_head" or args.ablate}
+                   for side in SIDES if side in ("ours", "hf") or args.ablate}
         for w in workers.values():
             w.receive()  # ready: loaded and waiting
         gflops = [matmul_gflops(device)]
@@ -462,53 +523,32 @@ def main() -> None:
             w.stop()
 
     best = max(gflops)
-    sides = {side: summarize(w.records[args.warmup:], w.final, best) for side, w in workers.items()}
-    ours, hf = sides["ours"], sides["hf"]
     final = workers["ours"].final
     results = {"device": final["device"], "threads": final["threads"], "matmul_gflops_best": best,
                "matmul_gflops_median": statistics.median(gflops), "matmul_gflops": gflops, "data": data,
-               "shape": final["shape"], "args": {k: v for k, v in vars(args).items() if v is not None}, "sides": sides,
-               "ratio_trained_per_s": ours["trained_per_s"] / hf["trained_per_s"],
-               "ratio_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"]}
-
-    mem = "peak GPU MiB (over start)" if device.startswith("cuda") else "peak RSS MiB (over start)"
-    print(f"| side | timed steps | samples/step | padded tok/step | s/step | trained tok/s | real tok/s | "
-          f"padding share | {mem} | model GFLOP/s | MFU | other load |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    def row(side: str) -> None:
-        s = sides[side]
-        print(f"| {SIDES[side]} | {s['steps']} | {s['samples_per_step']:.1f} | {s['padded_per_step']:.0f} | "
-              f"{s['s_per_step']:.2f} | **{s['trained_per_s']:.0f}** | {s['tokens_per_s']:.0f} | "
-              f"{s['padding_share']:.1%} | {s['peak_mib']:.0f} ({s['peak_mib'] - s['start_mib']:+.0f}) | "
-              f"{s['model_gflops_per_s']:.1f} | {s['mfu']:.1%} | {s['other_load']:.0%} |")
-
-    row("ours")
-    row("hf")
-    print(f"| **ours / baseline** | | | | | **{results['ratio_trained_per_s']:.2f}x** | "
-          f"{results['ratio_tokens_per_s']:.2f}x | | {ours['peak_mib'] / hf['peak_mib']:.2f}x | | | |")
-    if "ours_full_head" in sides:
-        row("ours_full_head")
-    print()
+               "shape": final["shape"], "args": {k: v for k, v in vars(args).items() if v is not None}}
+    memory = "peak GPU MiB (over start)" if device.startswith("cuda") else "peak RSS MiB (over start)"
     print(f"{data['samples']} samples ({data['mean_tokens']:.0f} tokens, {data['mean_trained']:.1f} trained on average); "
           f"{results['device']}, {results['threads']} torch threads; fp32 matmul (2048^3) best {best:.0f} GFLOP/s, "
-          f"median {results['matmul_gflops_median']:.0f} over {len(gflops)} measurements between steps")
+          f"median {results['matmul_gflops_median']:.0f} over {len(gflops)} measurements between steps.")
+    print()
+    print("All timed steps:")
+    print()
+    sides = {side: summarize(w.records[args.warmup:], w.final, best) for side, w in workers.items()}
+    results["all"] = {"sides": sides, "ratios": print_table(sides, memory)}
     quiet = {side: [r for r in w.records[args.warmup:] if r.get("other_load", 1.0) < args.quiet_load]
              for side, w in workers.items()}
-    if all(len(quiet[side]) >= 3 for side in ("ours", "hf")):
-        q = {side: summarize(rs, workers[side].final, best) for side, rs in quiet.items() if rs}
-        results["quiet"] = {"max_other_load": args.quiet_load, "sides": q,
-                            "ratio_trained_per_s": q["ours"]["trained_per_s"] / q["hf"]["trained_per_s"]}
-        print(f"Steps during which other processes used < {args.quiet_load:.0%} of the CPU: "
-              + "; ".join(f"{SIDES[side]} {s['steps']} steps, {s['trained_per_s']:.0f} trained tok/s, "
-                          f"MFU {s['mfu']:.1%}" for side, s in q.items())
-              + f"; ours / baseline **{results['quiet']['ratio_trained_per_s']:.2f}x**")
-    if "ours_full_head" in sides:
-        full = sides["ours_full_head"]["trained_per_s"]
-        results["split"] = {"lm_head_on_trained_only": ours["trained_per_s"] / full,
-                            "length_grouped_batches": full / hf["trained_per_s"]}
-        print(f"Where the ratio comes from: LM head on trained positions only "
-              f"{results['split']['lm_head_on_trained_only']:.2f}x (ours / ablation), token-budget length-grouped "
-              f"batches {results['split']['length_grouped_batches']:.2f}x (ablation / baseline)")
+    if all(len(rs) == len(w.records[args.warmup:]) for rs, w in zip(quiet.values(), workers.values())):
+        print(f"Other processes used less than {args.quiet_load:.0%} of the CPU during every timed step.")
+        results["quiet"] = {"max_other_load": args.quiet_load, "all_steps": True}
+    elif all(len(rs) >= 3 for rs in quiet.values()):
+        print(f"Steps during which other processes used less than {args.quiet_load:.0%} of the CPU:")
+        print()
+        sides = {side: summarize(rs, workers[side].final, best) for side, rs in quiet.items()}
+        results["quiet"] = {"max_other_load": args.quiet_load, "sides": sides, "ratios": print_table(sides, memory)}
+    else:
+        print(f"Fewer than 3 steps of some side ran while other processes used less than {args.quiet_load:.0%} "
+              "of the CPU: the figures above are under load (see `other load`).")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
