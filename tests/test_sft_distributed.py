@@ -342,8 +342,13 @@ def test_checkpoint_loads_with_transformers_and_generates(resume_runs: ResumeRun
     vision_ids = [builder.image_token_id, builder.vision_start_id]
     (out,) = engine.generate([request], SamplingParams(temperature=0.0, max_new_tokens=8, suppress_token_ids=vision_ids),
                              [builder.end_of_turn_id])
-    assert 1 <= len(out.token_ids) <= 8 and len(out.logprobs) == len(out.token_ids)
     assert all(math.isfinite(lp) and lp <= 0 for lp in out.logprobs)
     assert not set(out.token_ids) & set(vision_ids)
     builder.add_generation(traj, out.token_ids, out.logprobs)  # the turn continues the trajectory token for token
     assert traj.token_ids[-len(out.token_ids):] == out.token_ids
+    # the reloaded checkpoint scores its own generation as the engine did (invariant 4)
+    from mmsearch.logprobs import collate, token_logprobs
+
+    with torch.no_grad():
+        rescored = token_logprobs(model, collate([traj], 0, builder.image_token_id))[0, -len(out.token_ids):]
+    assert torch.allclose(rescored, torch.tensor(out.logprobs), atol=1e-4)

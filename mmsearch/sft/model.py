@@ -15,30 +15,20 @@ def load_policy(cfg: SFTConfig, path: str, device: str) -> nn.Module:
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
-    visual = model.model.visual
-    if cfg.freeze.vision_tower:
-        for name, p in visual.named_parameters():
-            if not name.startswith("merger."):
-                p.requires_grad_(False)
-    if cfg.freeze.projector:
-        visual.merger.requires_grad_(False)
     if cfg.lora.r > 0:
         from peft import LoraConfig, get_peft_model
 
         targets = "|".join(cfg.lora.target_modules)
-        model = get_peft_model(model, LoraConfig(
+        model = get_peft_model(model, LoraConfig(  # freezes everything it does not adapt
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             # only the language model's layers: the vision blocks reuse names like gate_proj
             target_modules=rf".*language_model\.layers\.\d+\..*\.({targets})",
         ))
-        if not cfg.freeze.projector:  # peft freezes everything it does not adapt; keep the projector trainable if asked
-            model.get_base_model().model.visual.merger.requires_grad_(True)
-        if not cfg.freeze.vision_tower:
-            for name, p in model.get_base_model().model.visual.named_parameters():
-                if not name.startswith("merger."):
-                    p.requires_grad_(True)
+    # The vision side trains unless frozen, with or without LoRA on the language model.
+    for name, p in hf_model(model).model.visual.named_parameters():
+        p.requires_grad_(not (cfg.freeze.projector if name.startswith("merger.") else cfg.freeze.vision_tower))
     if cfg.gradient_checkpointing:
-        base = model.get_base_model() if cfg.lora.r > 0 else model
+        base = hf_model(model)
         kwargs = {"use_reentrant": False}
         if hasattr(base, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

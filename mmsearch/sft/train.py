@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import random
 import time
@@ -26,7 +25,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mmsearch.config import to_yaml
-from mmsearch.logprobs import collate
+from mmsearch.logprobs import MODEL_INPUTS, collate
 from mmsearch.metrics import MetricsLog, plot_curves
 from mmsearch.sft.batching import plan_epoch, rank_share
 from mmsearch.sft.checkpoint import (
@@ -43,8 +42,7 @@ from mmsearch.sft.model import hf_model, load_policy, trainable_parameters
 from mmsearch.sft.parallel import DeepSpeedParallel, DistInfo, TorchParallel, all_sum, barrier, init_distributed
 from mmsearch.sft.samples import SampleLimits, load_samples
 
-log = logging.getLogger(__name__)
-
+TRAIN_INPUTS = (*MODEL_INPUTS, "loss_mask")  # collate's other fields (rollout log-probs) are RL's
 CURVES = [("train", "loss", "train loss (per trained token)"), ("train", "lr", "learning rate"),
           ("eval", "em", "validation EM (agent loop)"), ("eval", "invalid_share", "validation: share with an invalid turn")]
 
@@ -133,7 +131,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
                 if cfg.precision == "bf16" else contextlib.nullcontext())
     pad_id = processor.tokenizer.pad_token_id or 0
     bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step", disable=not (progress and info.is_main))
-    window = {"loss_sum": 0.0, "tokens": 0, "seen": 0, "steps": 0, "start": time.perf_counter(), "grad_norm": 0.0}
+    window = new_window()
     last_eval = None
     while state["step"] < total_steps:
         plan = plans[state["epoch"]]
@@ -147,7 +145,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
         loss_sum = 0.0
         for k, batch_ids in enumerate(mine):
             batch = collate([samples[i] for i in batch_ids], pad_id, builder.image_token_id)
-            batch = {key: value.to(info.device) for key, value in batch.items()}
+            batch = {key: value.to(info.device) for key, value in batch.items() if key in TRAIN_INPUTS}
             with parallel.accumulating(last=k == len(mine) - 1):
                 with autocast:
                     micro_loss, _ = parallel.module(batch)
@@ -164,7 +162,6 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
         window["loss_sum"] += all_sum(loss_sum, info)
         window["tokens"] += window_tokens
         window["seen"] += seen
-        window["steps"] += 1
         window["grad_norm"] = max(window["grad_norm"], grad_norm)
         bar.update(1)
 
@@ -178,7 +175,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
                       "trained_tokens": state["trained_tokens"], "train_s": state["train_s"]}
             metrics.write(state["step"], "train", record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
-            window = {"loss_sum": 0.0, "tokens": 0, "seen": 0, "steps": 0, "start": time.perf_counter(), "grad_norm": 0.0}
+            window = new_window()
         done = state["step"] == total_steps
         if cfg.eval.every and (state["step"] % cfg.eval.every == 0) and not done:
             last_eval = _evaluate(evaluator, metrics, state["step"], info)
@@ -200,6 +197,11 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
         result["curves"] = str(plot_curves(out / "metrics.jsonl", out / "curves.png", CURVES))
         (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def new_window() -> dict:
+    """Sums over the steps since the last train record."""
+    return {"loss_sum": 0.0, "tokens": 0, "seen": 0, "start": time.perf_counter(), "grad_norm": 0.0}
 
 
 def lr_lambda(cfg: SFTConfig, total_steps: int):
