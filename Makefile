@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/mmsearch demo tools --kb $(RUN)/world --index $(RUN)/index
 	$(BIN)/mmsearch model init-tiny --config configs/model/tiny.yaml --kb $(RUN)/world --out $(RUN)/policy
 	$(BIN)/mmsearch synth --config configs/synth/default.yaml --kb $(RUN)/world --index $(RUN)/index --out $(RUN)/dataset \
-		--n 1000 --seed $(SEED) --processor $(RUN)/policy --push-format sharegpt
+		--n 4000 --seed $(SEED) --processor $(RUN)/policy --push-format sharegpt
 	sed -n '/^## Splits/,/^## How it was made/p;/^## Histograms/,$$p' $(RUN)/dataset/card.md
 	$(BIN)/mmsearch sft --config configs/sft/tiny.yaml --model $(RUN)/policy --data $(RUN)/dataset --index $(RUN)/index \
 		--out $(RUN)/sft --resume

@@ -153,7 +153,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
             loss_sum += float(micro_loss.detach())
         lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
         grad_norm = parallel.step()
-        state["train_s"] += time.perf_counter() - t0
+        step_s = time.perf_counter() - t0
+        state["train_s"] += step_s
         state["step"] += 1
         state["step_in_epoch"] += 1
         state["trained_tokens"] += window_tokens
@@ -162,13 +163,14 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
         window["loss_sum"] += all_sum(loss_sum, info)
         window["tokens"] += window_tokens
         window["seen"] += seen
+        window["train_s"] += step_s
         window["grad_norm"] = max(window["grad_norm"], grad_norm)
         bar.update(1)
 
         saving = bool(cfg.save_every) and state["step"] % cfg.save_every == 0
         # a checkpoint step always closes a logging window, so a resumed run logs the same windows
         if info.is_main and (state["step"] % cfg.log_every == 0 or state["step"] == total_steps or saving):
-            elapsed = time.perf_counter() - window["start"]
+            elapsed = max(window["train_s"], 1e-9)  # eval and checkpoint time are not training throughput
             record = {"loss": window["loss_sum"] / max(1, window["tokens"]), "lr": lr,
                       "grad_norm": window["grad_norm"], "epoch": state["epoch"],
                       "trained_tokens_per_s": window["tokens"] / elapsed, "tokens_per_s": window["seen"] / elapsed,
@@ -201,7 +203,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
 
 def new_window() -> dict:
     """Sums over the steps since the last train record."""
-    return {"loss_sum": 0.0, "tokens": 0, "seen": 0, "start": time.perf_counter(), "grad_norm": 0.0}
+    return {"loss_sum": 0.0, "tokens": 0, "seen": 0, "train_s": 0.0, "grad_norm": 0.0}
 
 
 def lr_lambda(cfg: SFTConfig, total_steps: int):
