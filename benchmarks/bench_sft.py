@@ -339,7 +339,8 @@ def worker(args: argparse.Namespace) -> None:
     from tools.device import resolve_device
 
     hf_logging.disable_progress_bar()
-    cfg = load_config(SFTConfig, args.config, {"model": args.model, "data": args.data})
+    cfg = load_config(SFTConfig, args.config, {"model": args.model, "data": args.data},
+                      [f"batch.tokens_per_batch={args.tokens_per_batch}"])
     torch.manual_seed(cfg.seed)
     with open(args.samples_file, "rb") as f:
         shared = pickle.load(f)
@@ -393,7 +394,8 @@ def build_samples(args: argparse.Namespace, path: Path) -> dict:
     from mmsearch.trajectory import TrajectoryBuilder
     from tools.config import VisionResizeConfig
 
-    cfg = load_config(SFTConfig, args.config, {"model": args.model, "data": args.data})
+    cfg = load_config(SFTConfig, args.config, {"model": args.model, "data": args.data},
+                      [f"batch.tokens_per_batch={args.tokens_per_batch}"])
     hf_logging.disable_progress_bar()
     processor = AutoProcessor.from_pretrained(cfg.model)
     builder = TrajectoryBuilder(processor)
@@ -479,6 +481,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0, help="> 0: also stop a side after this many timed s")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of each side")
     parser.add_argument("--hf-batch-size", type=int, default=8, help="baseline samples per step")
+    parser.add_argument("--tokens-per-batch", type=int, default=8192,
+                        help="our padded-token budget per step (8192: about the baseline's 8 samples of ~1k tokens)")
     parser.add_argument("--ablate", action="store_true",
                         help="also run ours without the shared prefix, and without it and with the full LM head")
     parser.add_argument("--quiet-load", type=float, default=0.1,
@@ -500,7 +504,8 @@ def main() -> None:
         workers = {side: Worker(side, [sys.executable, __file__, "--worker", side, "--samples-file", str(samples_file),
                                        "--model", args.model, "--data", args.data, "--config", args.config,
                                        "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                       "--hf-batch-size", str(args.hf_batch_size)])
+                                       "--hf-batch-size", str(args.hf_batch_size),
+                                       "--tokens-per-batch", str(args.tokens_per_batch)])
                    for side in SIDES if side in ("ours", "hf") or args.ablate}
         for w in workers.values():
             w.receive()  # ready: loaded and waiting
