@@ -212,19 +212,19 @@ def run_ours(cfg: SFTConfig, samples, pad_id: int, image_token_id: int, driven: 
              variant: str = "ours") -> None:
     """`mmsearch/sft/train.py`'s step; `no_prefix` runs every row whole, `full_head` also takes the model's own loss."""
     from mmsearch.logprobs import collate
-    from mmsearch.sft.batching import plan_epoch
     from mmsearch.sft.loss import CausalLMLoss, shared_prefix_len, window_scale
-    from mmsearch.sft.model import load_policy, trainable_parameters
-    from mmsearch.sft.parallel import DistInfo, TorchParallel
-    from mmsearch.sft.train import lr_lambda
+    from mmsearch.training.batching import plan_epoch
+    from mmsearch.training.model import load_policy, trainable_parameters
+    from mmsearch.training.parallel import DistInfo, TorchParallel
+    from mmsearch.training.schedule import lr_lambda
 
     device = driven.device
-    model = load_policy(cfg, cfg.model, device)
+    model = load_policy(cfg.model, device, cfg.lora, cfg.freeze, cfg.gradient_checkpointing)
     lengths = [len(s.token_ids) for s in samples]
     trained = [sum(s.loss_mask[1:]) for s in samples]
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay, foreach=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, max_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, max_steps))
     if variant == "full_head":
         module = FullHeadLoss(model)
     else:  # as train.py builds it

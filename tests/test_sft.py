@@ -17,12 +17,14 @@ from mmsearch.agent.setup import vision_from_processor
 from mmsearch.engines.scripted import ScriptedEngine, replay
 from mmsearch.eval.loaders import SkipRecord, load_examples
 from mmsearch.logprobs import collate
-from mmsearch.sft.batching import pack, plan_epoch, rank_share
 from mmsearch.sft.config import SFTConfig
 from mmsearch.sft.loss import CausalLMLoss, shared_prefix_len, token_loss_sum, window_scale
-from mmsearch.sft.model import load_policy, save_hf
 from mmsearch.sft.samples import SampleLimits, build_sample, check_vision, crop_toolbox, load_samples
-from mmsearch.sft.train import lr_lambda, train_sft
+from mmsearch.sft.train import train_sft
+from mmsearch.training.batching import pack, plan_epoch, rank_share
+from mmsearch.training.config import FreezeConfig, LoraConfig
+from mmsearch.training.model import load_policy, save_hf
+from mmsearch.training.schedule import lr_lambda
 from mmsearch.trajectory import TrajectoryBuilder
 from tools.config import VisionResizeConfig
 
@@ -152,7 +154,7 @@ def test_window_normalization_weighs_every_token_equally():
 
 def test_shared_prefix_gives_the_same_loss_and_gradients(samples, policy_dir):
     cfg = SFTConfig(model=str(policy_dir))
-    model = load_policy(cfg, str(policy_dir), "cpu")
+    model = load_policy(str(policy_dir), "cpu", cfg.lora, cfg.freeze, cfg.gradient_checkpointing)
     batch = collate(samples[:4], 0, model.config.image_token_id)
     prefix = shared_prefix_len(batch, (model.config.vision_start_token_id, model.config.image_token_id))
     assert prefix > 100  # the system prompt
@@ -172,7 +174,7 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(samples, policy_dir):
 def test_gradient_checkpointing_gives_the_same_loss(samples, policy_dir):
     losses = []
     for ckpt in (False, True):
-        model = load_policy(SFTConfig(gradient_checkpointing=ckpt), str(policy_dir), "cpu").train()
+        model = load_policy(str(policy_dir), "cpu", LoraConfig(), FreezeConfig(), gradient_checkpointing=ckpt).train()
         batch = collate(samples[:2], 0, model.config.image_token_id)
         loss, _ = CausalLMLoss(model, share_prefix=False)(batch)
         loss.backward()
@@ -208,12 +210,12 @@ def test_token_budget_batches_cover_every_sample_once_with_little_padding():
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     cfg = SFTConfig()
     cfg.optim.warmup_steps, cfg.optim.min_lr_ratio = 4, 0.1
-    f = lr_lambda(cfg, total_steps=20)
+    f = lr_lambda(cfg.optim, total_steps=20)
     assert [round(f(s), 3) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
     assert f(4) == pytest.approx(1.0) and f(20) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(4, 20))
     cfg.optim.schedule = "linear"
-    assert lr_lambda(cfg, 20)(12) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_lambda(cfg.optim, 20)(12) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
 # -- model setup ---------------------------------------------------------------------------------------
@@ -221,12 +223,12 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_freezing_the_vision_tower_keeps_the_projector_trainable(policy_dir):
     cfg = SFTConfig()
     cfg.freeze.vision_tower = True
-    model = load_policy(cfg, str(policy_dir), "cpu")
+    model = load_policy(str(policy_dir), "cpu", cfg.lora, cfg.freeze, cfg.gradient_checkpointing)
     visual = model.model.visual
     assert not any(p.requires_grad for n, p in visual.named_parameters() if not n.startswith("merger."))
     assert all(p.requires_grad for p in visual.merger.parameters())
     cfg.freeze.projector = True
-    model = load_policy(cfg, str(policy_dir), "cpu")
+    model = load_policy(str(policy_dir), "cpu", cfg.lora, cfg.freeze, cfg.gradient_checkpointing)
     assert not any(p.requires_grad for p in model.model.visual.parameters())
     assert model.lm_head.weight.requires_grad
 
@@ -236,7 +238,7 @@ def test_lora_trains_adapters_only_and_saves_a_merged_hf_model(policy_dir, sampl
 
     cfg = SFTConfig()
     cfg.lora.r, cfg.freeze.vision_tower, cfg.freeze.projector = 4, True, True
-    model = load_policy(cfg, str(policy_dir), "cpu")
+    model = load_policy(str(policy_dir), "cpu", cfg.lora, cfg.freeze, cfg.gradient_checkpointing)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
     for n, p in model.named_parameters():  # make the adapters do something

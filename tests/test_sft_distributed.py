@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmsearch.metrics import read_metrics
+from mmsearch.training.metrics import read_metrics
 
 TOKENS = 2048  # per micro-batch: 1-2 samples of the gold set (745-1593 tokens), so a step has several of them
 COMMON = ["eval.enabled=false", "log_every=1", "precision=fp32", "device=cpu", "seed=0",
@@ -96,7 +96,7 @@ def _run_here(args: list[str]) -> subprocess.CompletedProcess:
     The run seeds the global generators and sets environment variables; both are put back after it.
     """
     from mmsearch.cli.main import main
-    from mmsearch.sft.checkpoint import rng_state, set_rng_state
+    from mmsearch.training.checkpoint import rng_state, set_rng_state
 
     out, err = io.StringIO(), io.StringIO()
     threads, rng, env = torch.get_num_threads(), rng_state(), dict(os.environ)
@@ -173,8 +173,8 @@ def test_loss_is_normalized_over_the_whole_window_not_per_micro_batch(ddp_runs, 
 
     from mmsearch.agent.setup import vision_from_processor
     from mmsearch.logprobs import MODEL_INPUTS, collate
-    from mmsearch.sft.batching import plan_epoch
     from mmsearch.sft.samples import SampleLimits, load_samples
+    from mmsearch.training.batching import plan_epoch
     from mmsearch.trajectory import TrajectoryBuilder
     from tools.config import VisionResizeConfig
 

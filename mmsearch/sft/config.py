@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmsearch.eval.run import EvalConfig
+from mmsearch.training.config import FreezeConfig, LoraConfig, OptimConfig, PeriodicEvalConfig
+from mmsearch.training.schedule import check_optim
 
 
 @dataclass
@@ -15,43 +16,6 @@ class BatchConfig:
     max_tool_response_tokens: int = 512  # tool text is clipped as the agent loop clips it
     # Run the prompt prefix all rows share (the system prompt) once per micro-batch; off with gradient checkpointing.
     share_prefix: bool = True
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    max_grad_norm: float = 1.0  # 0: no clipping
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine/linear decay floor, as a fraction of lr
-
-
-@dataclass
-class FreezeConfig:
-    vision_tower: bool = False  # the ViT blocks and patch embedding
-    projector: bool = False  # the merger that maps vision features into the language model
-
-
-@dataclass
-class LoraConfig:
-    r: int = 0  # 0: full fine-tuning
-    alpha: int = 16
-    dropout: float = 0.0
-    # Suffixes of the language model's linear layers to adapt (the vision tower is never LoRA-adapted).
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                "gate_proj", "up_proj", "down_proj"])
-
-
-@dataclass
-class SFTEvalConfig(EvalConfig):
-    """Periodic eval through the agent loop (the `mmsearch eval` code) with the weights being trained."""
-
-    enabled: bool = True  # False: no eval (e.g. no index at hand)
-    split: str = "validation"
-    limit: int = 64
-    every: int = 0  # optimizer steps between evals; 0: only at the end
 
 
 @dataclass
@@ -74,13 +38,12 @@ class SFTConfig:
     log_every: int = 10
     save_every: int = 0  # optimizer steps between checkpoints; 0: only the final one
     keep_checkpoints: int = 2  # older step checkpoints are deleted (the final one always stays)
-    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
+    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
 
     def check(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
-        if self.optim.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"optim.schedule must be cosine, linear or constant, got {self.optim.schedule!r}")
+        check_optim(self.optim)
         if self.batch.tokens_per_batch < self.batch.max_seq_tokens:
             raise ValueError(f"batch.tokens_per_batch ({self.batch.tokens_per_batch}) must be >= batch.max_seq_tokens "
                              f"({self.batch.max_seq_tokens}) so the longest sample fits a micro-batch")

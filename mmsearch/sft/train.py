@@ -12,9 +12,7 @@ Launch with `mmsearch sft` (one process), `torchrun --nproc_per_node N .../mmsea
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -26,9 +24,11 @@ from tqdm import tqdm
 
 from mmsearch.config import to_yaml
 from mmsearch.logprobs import MODEL_INPUTS, collate
-from mmsearch.metrics import MetricsLog, plot_curves
-from mmsearch.sft.batching import plan_epoch, rank_share
-from mmsearch.sft.checkpoint import (
+from mmsearch.sft.config import SFTConfig
+from mmsearch.sft.loss import CausalLMLoss, window_scale
+from mmsearch.sft.samples import SampleLimits, load_samples
+from mmsearch.training.batching import plan_epoch, rank_share
+from mmsearch.training.checkpoint import (
     check_resumable,
     checkpoint_name,
     latest_checkpoint,
@@ -36,11 +36,11 @@ from mmsearch.sft.checkpoint import (
     save_checkpoint,
     saved_state,
 )
-from mmsearch.sft.config import SFTConfig
-from mmsearch.sft.loss import CausalLMLoss, window_scale
-from mmsearch.sft.model import hf_model, load_policy, trainable_parameters
-from mmsearch.sft.parallel import DeepSpeedParallel, DistInfo, TorchParallel, all_sum, barrier, init_distributed
-from mmsearch.sft.samples import SampleLimits, load_samples
+from mmsearch.training.evaluate import Evaluator, evaluate
+from mmsearch.training.metrics import MetricsLog, plot_curves
+from mmsearch.training.model import load_policy, trainable_parameters
+from mmsearch.training.parallel import DeepSpeedParallel, TorchParallel, all_sum, init_distributed
+from mmsearch.training.schedule import lr_lambda
 
 TRAIN_INPUTS = (*MODEL_INPUTS, "loss_mask")  # collate's other fields (rollout log-probs) are RL's
 CURVES = [("train", "loss", "train loss (per trained token)"), ("train", "lr", "learning rate"),
@@ -94,7 +94,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
         total_steps = cfg.max_steps
 
     # 3. model, optimizer, schedule, parallelism
-    model = load_policy(cfg, str(resume_from) if resume_from and cfg.lora.r == 0 else cfg.model, info.device)
+    model = load_policy(str(resume_from) if resume_from and cfg.lora.r == 0 else cfg.model, info.device, cfg.lora,
+                        cfg.freeze, cfg.gradient_checkpointing)
     if cfg.precision == "bf16":
         for p in model.parameters():
             if not p.requires_grad:
@@ -102,7 +103,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay, foreach=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
     module = CausalLMLoss(model, share_prefix=cfg.batch.share_prefix and not cfg.gradient_checkpointing)
     if cfg.deepspeed:
         parallel = DeepSpeedParallel(module, optimizer, scheduler, cfg.deepspeed, cfg.batch.grad_accum,
@@ -123,7 +124,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     metrics = MetricsLog(out, resume_step=state["step"] if resume_from else None) if info.is_main else None
     if info.is_main:
         _write_run_info(out, cfg, report, plans, samples, trained_tokens, params, model)
-    evaluator = Evaluator(cfg, model, processor, out) if info.is_main else None
+    evaluator = Evaluator(cfg.eval, cfg.data, model, processor, out) if info.is_main else None
 
     # 4. the loop
     model.train()
@@ -180,7 +181,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
             window = new_window()
         done = state["step"] == total_steps
         if cfg.eval.every and (state["step"] % cfg.eval.every == 0) and not done:
-            last_eval = _evaluate(evaluator, metrics, state["step"], info)
+            last_eval = evaluate(evaluator, metrics, state["step"], info, CURVES)
             model.train()
         if saving and not done:
             save_checkpoint(out, checkpoint_name(state["step"]), model, processor, parallel,
@@ -189,7 +190,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
                 plot_curves(out / "metrics.jsonl", out / "curves.png", CURVES)
     bar.close()
 
-    last_eval = _evaluate(evaluator, metrics, state["step"], info) or last_eval
+    last_eval = evaluate(evaluator, metrics, state["step"], info, CURVES) or last_eval
     final = save_checkpoint(out, "final", model, processor, parallel, {**state, "config": config_dict}, info,
                             cfg.keep_checkpoints)
     result = {"final": str(final), "steps": state["step"], "trained_tokens": state["trained_tokens"],
@@ -204,60 +205,6 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
 def new_window() -> dict:
     """Sums over the steps since the last train record."""
     return {"loss_sum": 0.0, "tokens": 0, "seen": 0, "train_s": 0.0, "grad_norm": 0.0}
-
-
-def lr_lambda(cfg: SFTConfig, total_steps: int):
-    """Linear warmup over `warmup_steps`, then cosine / linear decay to `min_lr_ratio`, or constant."""
-    o = cfg.optim
-
-    def factor(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / (o.warmup_steps + 1)
-        if o.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1 - progress
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * decay
-
-    return factor
-
-
-class Evaluator:
-    """The eval half of `mmsearch eval`, built once (tools, indexes) and run with the weights in training."""
-
-    def __init__(self, cfg: SFTConfig, model, processor, out: Path):
-        self.cfg, self.model, self.processor, self.out = cfg, model, processor, out
-        self.loop = None
-
-    def __call__(self, step: int) -> dict:
-        from mmsearch.agent.setup import build_loop
-        from mmsearch.engines.hf import HFEngine
-        from mmsearch.eval.run import run_eval
-
-        cfg = dataclasses.replace(self.cfg.eval, data=self.cfg.data, out=str(self.out / "eval" / f"step-{step:06d}"))
-        engine = HFEngine(hf_model(self.model), self.processor, max_batch=cfg.engine.max_batch)  # sets eval mode
-        if self.loop is None:
-            self.loop = build_loop(cfg, engine=engine)
-        self.loop.engine = engine
-        with torch.no_grad():
-            summary = run_eval(cfg, progress=False, loop=self.loop)
-        self.model.train()
-        return summary
-
-
-def _evaluate(evaluator: Evaluator | None, metrics: MetricsLog | None, step: int, info: DistInfo) -> dict | None:
-    """Rank 0 evaluates while the others wait; the overall scores go to the metrics log."""
-    summary = None
-    if evaluator is not None and evaluator.cfg.eval.enabled:
-        summary = evaluator(step)
-        overall = summary["overall"]
-        metrics.write(step, "eval", {"em": overall["em"], "f1": overall["f1"], "accuracy": overall["accuracy"],
-                                     "invalid_share": summary["invalid_share"], "search_share": summary["search_share"],
-                                     "mean_turns": summary["mean_turns"],
-                                     **{f"em_hops_{k}": v["em"] for k, v in summary["by_hops"].items()}})
-        plot_curves(metrics.path, metrics.path.parent / "curves.png", CURVES)
-    barrier(info)
-    return summary
 
 
 def _seed_everything(seed: int) -> None:

@@ -7,27 +7,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmsearch.sft.config import SFTConfig
+from mmsearch.training.config import FreezeConfig, LoraConfig
 
 
-def load_policy(cfg: SFTConfig, path: str, device: str) -> nn.Module:
-    """The policy in fp32 (bf16 runs under autocast), with `cfg.freeze` and `cfg.lora` applied."""
+def load_policy(path: str, device: str, lora: LoraConfig, freeze: FreezeConfig,
+                gradient_checkpointing: bool = False) -> nn.Module:
+    """The policy in fp32 (bf16 runs under autocast), with `freeze` and `lora` applied."""
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
-    if cfg.lora.r > 0:
+    if lora.r > 0:
         from peft import LoraConfig, get_peft_model
 
-        targets = "|".join(cfg.lora.target_modules)
+        targets = "|".join(lora.target_modules)
         model = get_peft_model(model, LoraConfig(  # freezes everything it does not adapt
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             # only the language model's layers: the vision blocks reuse names like gate_proj
             target_modules=rf".*language_model\.layers\.\d+\..*\.({targets})",
         ))
     # The vision side trains unless frozen, with or without LoRA on the language model.
     for name, p in hf_model(model).model.visual.named_parameters():
-        p.requires_grad_(not (cfg.freeze.projector if name.startswith("merger.") else cfg.freeze.vision_tower))
-    if cfg.gradient_checkpointing:
+        p.requires_grad_(not (freeze.projector if name.startswith("merger.") else freeze.vision_tower))
+    if gradient_checkpointing:
         base = hf_model(model)
         kwargs = {"use_reentrant": False}
         if hasattr(base, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns

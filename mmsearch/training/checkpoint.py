@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmsearch.sft.model import save_hf
-from mmsearch.sft.parallel import DistInfo, barrier
+from mmsearch.training.model import save_hf
+from mmsearch.training.parallel import DistInfo, barrier
 
 # Keys that may change between a run and its resume without changing what is trained.
 RESUME_FREE_KEYS = {"eval", "log_every", "save_every", "keep_checkpoints", "out"}

@@ -1,0 +1,1 @@
+"""Reinforcement learning: advantage estimators, policy losses, KL estimators and the RL loop."""
