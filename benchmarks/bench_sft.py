@@ -211,8 +211,8 @@ class FullHeadLoss(torch.nn.Module):
 def run_ours(cfg: SFTConfig, samples, pad_id: int, image_token_id: int, driven: Driven, max_steps: int,
              variant: str = "ours") -> None:
     """`mmsearch/sft/train.py`'s step; `no_prefix` runs every row whole, `full_head` also takes the model's own loss."""
-    from mmsearch.logprobs import collate
-    from mmsearch.sft.loss import CausalLMLoss, shared_prefix_len, window_scale
+    from mmsearch.logprobs import collate, shared_prefix_len, vision_token_ids
+    from mmsearch.sft.loss import CausalLMLoss, window_scale
     from mmsearch.training.batching import plan_epoch
     from mmsearch.training.model import load_policy, trainable_parameters
     from mmsearch.training.parallel import DistInfo, TorchParallel
@@ -245,7 +245,7 @@ def run_ours(cfg: SFTConfig, samples, pad_id: int, image_token_id: int, driven: 
         for k, ids in enumerate(mine):
             batch = collate([samples[i] for i in ids], pad_id, image_token_id)
             batch = {key: value.to(device) for key, value in batch.items()}
-            prefix = shared_prefix_len(batch, module.vision_token_ids) if shared else 0  # as CausalLMLoss finds it
+            prefix = shared_prefix_len(batch, vision_token_ids(model.config)) if shared else 0  # as CausalLMLoss finds it
             with parallel.accumulating(last=k == len(mine) - 1):
                 loss, _ = parallel.module(batch)
                 parallel.backward(loss * scale)

@@ -30,6 +30,7 @@ from mmsearch.rewards import (
     substring_match,
     token_f1,
 )
+from mmsearch.rewards.registry import REQUIRES
 from mmsearch.trajectory import ToolCallRecord, Trajectory, TurnRecord
 from tools.server.app import BackgroundServer
 
@@ -225,7 +226,7 @@ def custom_rewards():
     before = set(REWARDS)
     yield
     for name in set(REWARDS) - before:
-        del REWARDS[name]
+        del REWARDS[name], REQUIRES[name]
 
 
 def test_user_registered_reward(custom_rewards) -> None:

@@ -16,9 +16,9 @@ from mmsearch.agent.loop import AgentLoop
 from mmsearch.agent.setup import vision_from_processor
 from mmsearch.engines.scripted import ScriptedEngine, replay
 from mmsearch.eval.loaders import SkipRecord, load_examples
-from mmsearch.logprobs import collate
+from mmsearch.logprobs import collate, shared_prefix_len
 from mmsearch.sft.config import SFTConfig
-from mmsearch.sft.loss import CausalLMLoss, shared_prefix_len, token_loss_sum, window_scale
+from mmsearch.sft.loss import CausalLMLoss, token_loss_sum, window_scale
 from mmsearch.sft.samples import SampleLimits, build_sample, check_vision, crop_toolbox, load_samples
 from mmsearch.sft.train import train_sft
 from mmsearch.training.batching import pack, plan_epoch, rank_share

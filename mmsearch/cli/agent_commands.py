@@ -86,3 +86,24 @@ def sft_run(args) -> int:
     print(f"wrote {result['final']} ({result['steps']} steps, {result['trained_tokens']} trained tokens, "
           f"{result['train_s']:.0f} s training); curves: {result['curves']}")
     return 0
+
+
+def rl_run(args) -> int:
+    from mmsearch.eval.report import markdown
+    from mmsearch.rl.config import RLConfig
+    from mmsearch.rl.guard import Collapsed
+    from mmsearch.rl.train import train_rl
+
+    cfg = _load(RLConfig, args, model=args.model, data=args.data, out=args.out, index=args.index,
+                server=args.server, steps=args.steps)
+    try:
+        result = train_rl(cfg, resume=args.resume)
+    except Collapsed as exc:
+        print(f"mmsearch rl: {exc}", file=sys.stderr)
+        return 3
+    if "curves" not in result:
+        return 0  # not rank 0
+    if result["eval"]:
+        print(markdown(result["eval"]))
+    print(f"wrote {result['final']} ({result['steps']} steps, {result['train_s']:.0f} s); curves: {result['curves']}")
+    return 0

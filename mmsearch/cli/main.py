@@ -26,6 +26,7 @@ HANDLERS = {
     ("ask",): "mmsearch.cli.agent_commands:ask",
     ("synth",): "mmsearch.cli.data_commands:synth_run",
     ("sft",): "mmsearch.cli.agent_commands:sft_run",
+    ("rl",): "mmsearch.cli.agent_commands:rl_run",
     ("synth-import",): "mmsearch.cli.data_commands:synth_import",
 }
 
@@ -120,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset dir from `mmsearch synth`")
     p.add_argument("--out", help="run dir: checkpoints, metrics.jsonl, tensorboard/, curves.png")
     p.add_argument("--index", help="index dir for the periodic eval's tools")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    _job_args(p)
+
+    p = sub.add_parser("rl", help="RL (GRPO family, PPO) on live multi-turn rollouts with the tools "
+                                   "(one process or torchrun)")
+    p.add_argument("--model", help="policy dir to start from (an SFT final/ or a base checkpoint)")
+    p.add_argument("--data", help="dataset dir from `mmsearch synth` (train split; validation for eval)")
+    p.add_argument("--out", help="run dir: checkpoints, metrics.jsonl, tensorboard/, curves.png, trajectories/")
+    p.add_argument("--index", help="index dir (in-process tools)")
+    p.add_argument("--server", action="append", help="tool-server URL (repeat for replicas)")
+    p.add_argument("--steps", type=int, help="RL steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     _job_args(p)
 

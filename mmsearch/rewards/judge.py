@@ -7,6 +7,11 @@ answers and the prediction, never the image.
 A judge failure must not crash a rollout or an epoch: a dead endpoint, an HTTP error or a reply with
 no verdict scores `judge` = 0.0 with `judge_error` = 1.0 and a logged warning, so a run can report
 how many verdicts it lost.
+
+Two rewards use it. "judge" always asks the endpoint (and is a config error without one).
+"answer_or_judge" writes one `correct` component whichever way it is decided: by the judge when
+`judge.api_base` is set, by exact match otherwise, so one recipe (DeepMMSearch-R1's judged answer
+reward, or Search-R1's exact match) runs offline and against a judge without renaming a weight.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from mmsearch.rewards.answer import exact_match
 from mmsearch.rewards.registry import register_reward
 
 if TYPE_CHECKING:
@@ -100,6 +106,11 @@ def check_judge_config(cfg: JudgeConfig) -> None:
         raise ValueError("the 'judge' reward needs a model: set judge.model to a model the endpoint serves")
 
 
+def uses_judge(cfg: RewardConfig) -> bool:
+    """Whether scoring under `cfg` sends requests to the judge endpoint."""
+    return "judge" in cfg.functions or ("answer_or_judge" in cfg.functions and bool(cfg.judge.api_base))
+
+
 def ask_judge(cfg: JudgeConfig, question: str, golds: list[str], prediction: str) -> bool:
     """The endpoint's verdict; raises `JudgeError` when none could be had."""
     check_judge_config(cfg)
@@ -140,7 +151,7 @@ def ask_judge(cfg: JudgeConfig, question: str, golds: list[str], prediction: str
     raise JudgeError(f"{url} failed after {cfg.retries + 1} attempt(s): {'; '.join(errors)}")
 
 
-@register_reward("judge")
+@register_reward("judge", requires=("answers",))
 def judge_reward(trajectory: Trajectory, example: Example, cfg: RewardConfig | None = None) -> dict[str, float]:
     """`judge`: 1.0 when the judge model calls the final answer correct; `judge_error`: 1.0 when it could not say."""
     judge_cfg = cfg.judge if cfg is not None else JudgeConfig()
@@ -153,3 +164,28 @@ def judge_reward(trajectory: Trajectory, example: Example, cfg: RewardConfig | N
         logger.warning("judge failed on %s/%d, scored 0: %s", trajectory.example_id, trajectory.sample, exc)
         return {"judge": 0.0, "judge_error": 1.0}
     return {"judge": float(correct), "judge_error": 0.0}
+
+
+@register_reward("answer_or_judge", requires=("answers",))
+def answer_or_judge_reward(trajectory: Trajectory, example: Example, cfg: RewardConfig | None = None) -> dict[str, float]:
+    """`correct`: 1.0 when the final answer is right, judged when `judge.api_base` is set, by exact match otherwise;
+    `judge_error`: 1.0 when the judge was asked and could not say (always 0.0 offline).
+
+    An exact match of the gold or an alias is right without asking: no judge should overrule it, and it
+    saves the request. So the judge only sees answers exact match rejects, and a lost verdict scores 0,
+    which is what exact match said.
+    """
+    judge_cfg = cfg.judge if cfg is not None else JudgeConfig()
+    if judge_cfg.api_base:
+        check_judge_config(judge_cfg)  # an endpoint without a model is a config error, not a silent fallback
+    if trajectory.final_answer is None:
+        return {"correct": 0.0, "judge_error": 0.0}
+    matched = exact_match(trajectory.final_answer, example.answers)
+    if matched == 1.0 or not judge_cfg.api_base:
+        return {"correct": matched, "judge_error": 0.0}
+    try:
+        correct = ask_judge(judge_cfg, example.question, example.answers, trajectory.final_answer)
+    except JudgeError as exc:
+        logger.warning("judge failed on %s/%d, scored 0: %s", trajectory.example_id, trajectory.sample, exc)
+        return {"correct": 0.0, "judge_error": 1.0}
+    return {"correct": float(correct), "judge_error": 0.0}

@@ -258,9 +258,13 @@ def aggregate(loss: Tensor, mask: Tensor, mode: str, global_tokens: float, globa
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
-    """(...) entropy of softmax(logits) over the last dim, in float32: logsumexp(l) - sum(softmax(l) * l)."""
-    logits = logits.to(torch.float32)
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    """(...) entropy -sum(p log p) of p = softmax(`logits`) over the last dim (finite logits), in float32.
+
+    log p comes from log_softmax (x - logsumexp(x), shifted by the max), which stays exact where the textbook
+    logsumexp(x) - sum(p x) loses digits to cancellation for large logits.
+    """
+    logp = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def truncated_is_weights(trainer_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cap: float

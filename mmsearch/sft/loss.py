@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmsearch.logprobs import MODEL_INPUTS
+from mmsearch.logprobs import policy_hidden_states, unwrap_peft
 
 
 def shifted_targets(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,69 +54,15 @@ class CausalLMLoss(nn.Module):
     """The policy and its loss as one module, so DDP/DeepSpeed wrap exactly what forward runs.
 
     With `share_prefix`, the text prefix every row of the micro-batch shares (the system prompt,
-    most of an agent trajectory's prompt) is run once and its key/value cache repeated for every
-    row; gradients flow back through the repeat, so loss and gradients equal the unshared forward.
+    most of an agent trajectory's prompt) is run once (see `mmsearch.logprobs.policy_hidden_states`).
     """
 
     def __init__(self, model: nn.Module, share_prefix: bool = True):
         super().__init__()
         self.model = model
         self.share_prefix = share_prefix
-        config = _unwrap_peft(model).config
-        self.vision_token_ids = tuple(t for t in (getattr(config, k, None) for k in (
-            "vision_start_token_id", "image_token_id", "video_token_id")) if t is not None)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        model = _unwrap_peft(self.model)
-        prefix = shared_prefix_len(batch, self.vision_token_ids) if self.share_prefix else 0
-        if prefix:
-            hidden = _forward_after_shared_prefix(model.model, batch, prefix)
-        else:
-            hidden = model.model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}, use_cache=False).last_hidden_state
-        return token_loss_sum(hidden, model.lm_head, batch["input_ids"][:, prefix:], batch["loss_mask"][:, prefix:])
-
-
-MIN_SHARED_PREFIX = 32  # below this, a separate prefix forward saves nothing
-
-
-def shared_prefix_len(batch: dict[str, torch.Tensor], vision_token_ids: tuple[int, ...]) -> int:
-    """Tokens every row shares from the start, ending before the first image and the first trained token.
-
-    Images stay out of the prefix so each row's pixels are encoded with its own tokens; trained
-    tokens stay out so every prediction that is scored comes from the per-row part.
-    """
-    ids, mask, trained = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    if ids.shape[0] < 2:
-        return 0
-    same = (ids == ids[:1]).all(0) & mask.bool().all(0)
-    for t in vision_token_ids:
-        same &= ~(ids[0] == t)
-    same &= ~trained.bool().any(0)
-    n = int(same.long().cumprod(0).sum())
-    n = min(n, ids.shape[1] - 1)  # the first trained token is predicted from the last shared one: keep it per-row
-    return n if n >= MIN_SHARED_PREFIX else 0
-
-
-def _forward_after_shared_prefix(inner: nn.Module, batch: dict[str, torch.Tensor], prefix: int) -> torch.Tensor:
-    """Hidden states of positions `prefix:` with the prefix computed once (a Qwen-VL `model.model`)."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    grid = batch.get("image_grid_thw")
-    # Multimodal rotary positions over each whole row, as the unshared forward computes them (invariant 3).
-    if grid is not None:
-        positions, _ = inner.get_rope_index(ids, image_grid_thw=grid, attention_mask=mask,
-                                            mm_token_type_ids=batch["mm_token_type_ids"])
-    else:
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
-    head = inner(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], position_ids=positions[:, :1, :prefix],
-                 use_cache=True)
-    cache = head.past_key_values
-    cache.batch_repeat_interleave(ids.shape[0])
-    rest = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
-    out = inner(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions[:, :, prefix:],
-                mm_token_type_ids=batch["mm_token_type_ids"][:, prefix:], past_key_values=cache, use_cache=True, **rest)
-    return out.last_hidden_state
-
-
-def _unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model (with LoRA layers injected in place when peft wraps it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden, prefix = policy_hidden_states(self.model, batch, self.share_prefix)
+        lm_head = unwrap_peft(self.model).lm_head
+        return token_loss_sum(hidden, lm_head, batch["input_ids"][:, prefix:], batch["loss_mask"][:, prefix:])

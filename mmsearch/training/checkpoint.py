@@ -42,7 +42,8 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(out: Path, name: str, model, processor, parallel, state: dict, info: DistInfo,
-                    keep: int) -> Path:
+                    keep: int, save_extra=None) -> Path:
+    """Write checkpoint `name`; `save_extra(trainer_state_dir)` adds a recipe's own state (e.g. RL's critic)."""
     final = out / name
     tmp = out / f"{name}.tmp"
     if info.is_main:
@@ -56,6 +57,8 @@ def save_checkpoint(out: Path, name: str, model, processor, parallel, state: dic
             torch.save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
                        tmp / "trainer_state" / "trainable.pt")
         (tmp / "trainer_state" / "state.json").write_text(json.dumps(state, indent=2))
+        if save_extra is not None:
+            save_extra(tmp / "trainer_state")
     parallel.save_state(tmp / "trainer_state", info)
     torch.save(rng_state(), tmp / "trainer_state" / f"rng-rank{info.rank}.pt")
     barrier(info)

@@ -11,7 +11,10 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, out: str | Path, resume_step: int | None = None, tensorboard: bool = True):
+    """`wandb_config`: also log to Weights & Biases (`WANDB_MODE=offline` works without a network)."""
+
+    def __init__(self, out: str | Path, resume_step: int | None = None, tensorboard: bool = True,
+                 wandb_config: dict | None = None):
         self.path = Path(out) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
@@ -24,6 +27,14 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(out) / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1)
+        self.wandb = None
+        if wandb_config is not None:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("logger=wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=wandb_config.pop("project", "mmsearch"), dir=str(out), config=wandb_config,
+                                    resume="allow" if resume_step is not None else None)
 
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
         """Append one record; `kind` ("train", "eval") prefixes the TensorBoard tags."""
@@ -34,10 +45,14 @@ class MetricsLog:
                 if isinstance(value, (int, float)):
                     self.tb.add_scalar(f"{kind}/{key}", value, step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmsearch.logprobs import unwrap_peft as hf_model  # the transformers model inside a peft wrapper, or itself
 from mmsearch.training.config import FreezeConfig, LoraConfig
 
 
@@ -37,11 +38,6 @@ def load_policy(path: str, device: str, lora: LoraConfig, freeze: FreezeConfig,
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         base.config.use_cache = False
     return model
-
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (LoRA layers injected in place), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,144 @@
+"""`mmsearch rl` config (plain data; filled from configs/rl/*.yaml by `load_config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmsearch.agent.config import AgentConfig, SamplingConfig
+from mmsearch.rewards import RewardConfig
+from mmsearch.rl.algos import ADVANTAGE_ESTIMATORS, AGGREGATION_MODES, KL_KINDS
+from mmsearch.training.config import FreezeConfig, LoraConfig, OptimConfig, PeriodicEvalConfig
+from mmsearch.training.schedule import check_optim
+from tools.config import ToolsConfig
+
+
+@dataclass
+class RolloutSettings:
+    """How trajectories are generated: the engine, the loop's limits and the sampling."""
+
+    engine: str = "hf"  # hf: generate with the very module being trained (no copy, nothing to sync)
+    prompts_per_step: int = 8  # B: questions per step
+    group_size: int = 4  # G: samples per question (one group)
+    max_batch: int = 64  # trajectories per engine call
+    agent: AgentConfig = field(default_factory=lambda: AgentConfig(sampling=SamplingConfig(temperature=1.0)))
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: str = "grpo"  # grpo | drgrpo | rloo | reinforce_pp | reinforce_pp_baseline | gae (PPO with a critic)
+    ppo_epochs: int = 1  # K: passes over a step's trajectories
+    mini_batches: int = 1  # optimizer updates per pass (the step's trajectories split evenly)
+    tokens_per_micro_batch: int = 8192  # padded tokens per forward/backward (bounds memory)
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]; DAPO's clip-higher: clip_high 0.28
+    clip_high: float = 0.2
+    dual_clip: float = 0.0  # > 1 (e.g. 3): caps the loss of negative-advantage tokens at -dual_clip * A; 0: off
+    ratio_level: str = "token"  # token (PPO/GRPO) | sequence (GSPO)
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    norm_len: int = 0  # seq-mean-token-sum-norm's constant (Dr. GRPO); 0: the trajectory token limit
+    kl_coef: float = 0.0  # 0: no reference model is loaded at all
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (low_var_kl)
+    kl_in_reward: bool = False  # False: a loss term (GRPO); True: subtracted from the reward (PPO, Search-R1)
+    entropy_coef: float = 0.0  # > 0: an entropy bonus
+    old_logprobs: str = "trainer"  # trainer: recomputed before the update | engine: the rollout's own
+    tis_cap: float = 0.0  # > 0: truncated importance sampling on the trainer/engine ratio, capped here
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill to B
+    max_refills: int = 3  # extra rollout rounds a step may take to refill
+    overlong: str = "none"  # none | filter (cut trajectories carry no loss) | penalty (DAPO soft punishment)
+    overlong_buffer: int = 128  # penalty: tokens before the limit where it starts
+    overlong_penalty: float = 1.0  # penalty: its value at the limit
+    lld_coef: float = 0.0  # > 0: likelihood-preserving term on non-negative-advantage trajectories (LLDS-style)
+    gamma: float = 1.0  # gae
+    lam: float = 1.0  # gae
+
+
+@dataclass
+class CriticConfig:
+    """PPO's value model (advantage=gae only): the policy's trunk with a scalar head, trained beside it."""
+
+    lr: float = 1e-5
+    value_clip: float = 0.5  # clipped value loss (PPO); 0: unclipped
+    warmup_steps: int = 0  # steps that train only the critic (the policy waits for a useful baseline)
+
+
+@dataclass
+class GuardConfig:
+    """Stops (or rolls back) a run that has clearly collapsed; see `mmsearch.rl.guard`."""
+
+    enabled: bool = True
+    action: str = "stop"  # stop | rollback (to the last checkpoint, then continue with the next data)
+    patience: int = 3  # consecutive bad steps before acting (a non-finite loss acts at once)
+    max_invalid_share: float = 0.9  # share of trajectories with an invalid action (gibberish) ...
+    reward_drop: float = 0.2  # ... or mean reward below this share of the best 3-step mean so far ...
+    min_best_reward: float = 0.05  # ... (once that best is above this)
+    max_entropy_ratio: float = 0.75  # ... or mean token entropy above this share of log(vocab size)
+    max_rollbacks: int = 2
+
+
+@dataclass
+class RLConfig:
+    model: str = "runs/sft/final"  # the policy to start from: an SFT dir or a base Qwen2/2.5/3-VL checkpoint
+    data: str = "runs/dataset"  # a dataset dir (train split for training, validation for eval)
+    train_split: str = "train"
+    index: str = "runs/index"  # in-process tools over this index dir ...
+    server: list[str] = field(default_factory=list)  # ... or these tool-server URLs
+    out: str = "runs/rl"
+    seed: int = 0
+    steps: int = 100
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    gradient_checkpointing: bool = False
+    rollout: RolloutSettings = field(default_factory=RolloutSettings)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    # No default weights: YAML dicts merge into defaults, so a recipe could never drop a default component.
+    rewards: RewardConfig = field(default_factory=lambda: RewardConfig(weights={}))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.0, schedule="constant"))
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    freeze: FreezeConfig = field(default_factory=lambda: FreezeConfig(vision_tower=True))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    logger: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb
+    log_trajectories: int = 4  # trajectories written per step to trajectories/step-N.jsonl (one per group first)
+    save_every: int = 0  # steps between checkpoints; 0: only the final one
+    keep_checkpoints: int = 2
+    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
+
+    def check(self) -> None:
+        a = self.algorithm
+        choices = {
+            "advantage": (a.advantage, (*ADVANTAGE_ESTIMATORS, "gae")),
+            "loss_agg": (a.loss_agg, AGGREGATION_MODES),
+            "kl_estimator": (a.kl_estimator, KL_KINDS),
+            "ratio_level": (a.ratio_level, ("token", "sequence")),
+            "old_logprobs": (a.old_logprobs, ("trainer", "engine")),
+            "overlong": (a.overlong, ("none", "filter", "penalty")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"algorithm.{key} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.guard.action not in ("stop", "rollback"):
+            raise ValueError(f"guard.action must be stop or rollback, got {self.guard.action!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        unknown = set(self.logger) - {"jsonl", "tensorboard", "wandb"}
+        if unknown:
+            raise ValueError(f"logger: unknown {sorted(unknown)}; choose from jsonl, tensorboard, wandb")
+        check_optim(self.optim)
+        if not self.rewards.weights:
+            raise ValueError("rewards.weights is empty: say what the reward is, e.g. rewards.weights={exact_match: 1.0} "
+                             "(see configs/rl/*.yaml)")
+        r = self.rollout
+        if r.prompts_per_step < 1 or r.group_size < 1:
+            raise ValueError("rollout.prompts_per_step and rollout.group_size must be >= 1")
+        if a.advantage != "gae" and r.group_size < 2:
+            raise ValueError(f"advantage={a.advantage} compares samples of one question: rollout.group_size must be >= 2")
+        if a.mini_batches < 1 or a.ppo_epochs < 1:
+            raise ValueError("algorithm.mini_batches and algorithm.ppo_epochs must be >= 1")
+        if r.engine == "openai":
+            raise ValueError("rollout.engine=openai is a chat-level engine: it returns text, not the token ids and "
+                             "log-probs RL trains on (DESIGN.md invariant 1); use hf")
+        if r.engine != "hf":
+            raise ValueError(f"rollout.engine={r.engine!r}: RL rolls out with hf (the module being trained); "
+                             "colocated vLLM rollouts with weight sync are not built yet")
+        if r.agent.sampling.temperature <= 0:
+            raise ValueError("rollout.agent.sampling.temperature must be > 0: RL needs sampled, not greedy, rollouts")

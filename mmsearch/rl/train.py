@@ -1,0 +1,580 @@
+"""`mmsearch rl`: GRPO-family RL (and PPO) on live multi-turn rollouts with the real tools, top to bottom.
+
+One step:
+1. Draw B questions (a seeded order per epoch; its position is trainer state) and roll out G samples
+   of each through the agent loop, generating with the very module being trained (`hf` engine).
+2. Score every trajectory with the configured reward functions (`mmsearch.rewards`). With DAPO's
+   dynamic sampling, groups whose rewards are all equal are dropped and more questions rolled out.
+3. Scoring pass without gradients: the trainer's log-probs of the generated tokens (or the engine's),
+   the reference policy's (only when kl_coef > 0) and the critic's values (PPO only).
+4. Advantages from groups formed by example id (GRPO, Dr. GRPO, RLOO, REINFORCE++), or per token by
+   GAE with the critic (PPO, Search-R1's main setting).
+5. K passes of mini-batch updates of the clipped surrogate over the generated tokens only (the loss
+   mask, DESIGN.md invariant 2); every mini-batch's loss is normalised over the whole mini-batch
+   across ranks, whatever the micro-batching.
+6. Push the weights to the engine (nothing to copy for `hf`), log, check for collapse, checkpoint, eval.
+
+How it departs from textbook GRPO (DeepSeekMath): no KL term by default (kl_coef=0, as DAPO and
+Dr. GRPO argue; no reference model is even loaded), a constant small learning rate, tool outputs
+masked out of the loss, and old log-probs recomputed by the trainer so the engine's numerics only
+enter through the (optional) truncated importance-sampling correction.
+
+Launch: `mmsearch rl --config configs/rl/tiny.yaml --model runs/sft/final --data runs/dataset
+--index runs/index --out runs/rl`; on several GPUs `torchrun --nproc_per_node N $(which mmsearch) rl ...`
+(each rank rolls out its own share of whole groups; gradients are all-reduced by DDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from mmsearch.config import to_yaml
+from mmsearch.logprobs import TokenScorer, collate
+from mmsearch.rewards import compute_rewards_batch
+from mmsearch.rl import algos
+from mmsearch.rl.config import RLConfig
+from mmsearch.rl.guard import Collapsed, CollapseGuard
+from mmsearch.rl.metrics import CURVES, rollout_metrics
+from mmsearch.rl.rollout import PromptStream, Rollouts
+from mmsearch.training.batching import pack
+from mmsearch.training.checkpoint import (
+    check_resumable,
+    checkpoint_name,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    saved_state,
+)
+from mmsearch.training.config import FreezeConfig, LoraConfig
+from mmsearch.training.evaluate import Evaluator, evaluate
+from mmsearch.training.metrics import MetricsLog, plot_curves
+from mmsearch.training.model import hf_model, load_policy, trainable_parameters
+from mmsearch.training.parallel import DistInfo, TorchParallel, all_sum, barrier, init_distributed
+from mmsearch.training.schedule import lr_lambda
+from mmsearch.trajectory import Trajectory
+
+SCORE_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw", "loss_mask")
+
+
+def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict:
+    cfg.check()
+    info = init_distributed(cfg.device)
+    if cfg.rollout.prompts_per_step % info.world_size:
+        raise ValueError(f"rollout.prompts_per_step ({cfg.rollout.prompts_per_step}) must divide evenly over "
+                         f"{info.world_size} ranks (whole groups stay on one rank)")
+    out = Path(cfg.out)
+    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+    resume_from = latest_checkpoint(out) if resume else None
+    if resume and resume_from is None and info.is_main:
+        print(f"no checkpoint in {out} to resume: starting a new run")
+    if resume_from is not None:
+        check_resumable(saved_state(resume_from)["config"], config_dict, resume_from)
+    if resume_from is None and info.is_main and (out / "final").exists():
+        raise ValueError(f"{out} already holds a finished run; pass --resume to continue it or choose another out dir")
+    _seed_everything(cfg.seed)
+
+    # data and the reward functions' needs, checked before anything heavy is loaded
+    from transformers import AutoProcessor
+
+    from mmsearch.eval.loaders import load_examples
+    from mmsearch.rewards import check_reward_fields
+
+    examples, load_report = load_examples(cfg.data, split=cfg.train_split)
+    if not examples:
+        raise ValueError(f"no usable examples in {cfg.data}[{cfg.train_split}] ({load_report})")
+    check_reward_fields(cfg.rewards, examples)
+    by_id = {ex.id: ex for ex in examples}
+    processor = AutoProcessor.from_pretrained(cfg.model)
+
+    # the policy, its optimizer, the reference policy and the critic
+    a = cfg.algorithm
+    updates_per_step = a.ppo_epochs * a.mini_batches
+    start_weights = str(resume_from) if resume_from and cfg.lora.r == 0 else cfg.model
+    model = load_policy(start_weights, info.device, cfg.lora, cfg.freeze, cfg.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                  weight_decay=cfg.optim.weight_decay, foreach=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.steps * updates_per_step))
+    temperature = cfg.rollout.agent.sampling.temperature
+    share = not cfg.gradient_checkpointing
+    parallel = TorchParallel(TokenScorer(model, temperature, share), optimizer, scheduler, info, cfg.optim.max_grad_norm)
+    ref = None
+    if a.kl_coef > 0:  # kl_coef = 0 loads no reference model at all
+        ref = TokenScorer(load_policy(cfg.model, info.device, LoraConfig(), FreezeConfig(True, True)).eval(),
+                          temperature, share).requires_grad_(False)
+    critic = critic_parallel = None
+    if a.advantage == "gae":
+        from mmsearch.rl.critic import ValueModel
+
+        critic = ValueModel(cfg.model, info.device)
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic.lr, foreach=True)
+        critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda _: 1.0)
+        critic_parallel = TorchParallel(critic, critic_opt, critic_sched, info, cfg.optim.max_grad_norm)
+
+    stream = PromptStream(examples, cfg.seed)
+    guard = CollapseGuard(cfg.guard, model.config.get_text_config().vocab_size)
+    state = {"step": 0, "updates": 0, "train_s": 0.0}
+    if resume_from is not None:
+        saved = _restore(resume_from, model, parallel, critic, critic_parallel, info)
+        state = {k: saved[k] for k in state}
+        stream = PromptStream(examples, cfg.seed, **saved["stream"])
+        guard = CollapseGuard(cfg.guard, model.config.get_text_config().vocab_size, saved["guard"])
+        if state["step"] >= cfg.steps and (out / "result.json").is_file():
+            if info.is_main:
+                print(f"{out} already finished ({state['step']} steps); its result is {out / 'result.json'}")
+            return json.loads((out / "result.json").read_text())
+        if info.is_main:
+            print(f"resuming from {resume_from} at step {state['step']}")
+
+    rollouts = Rollouts(cfg, hf_model(model), processor, info.rank)
+    metrics = None
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "rl_config.yaml").write_text(to_yaml(cfg))
+        metrics = MetricsLog(out, resume_step=state["step"] if resume_from else None,
+                             tensorboard="tensorboard" in cfg.logger,
+                             wandb_config=dict(config_dict) if "wandb" in cfg.logger else None)
+        print(f"rl: {len(examples)} training questions ({load_report}); {cfg.rollout.prompts_per_step} x "
+              f"{cfg.rollout.group_size} trajectories per step, {a.advantage}, {cfg.steps} steps")
+    eval_cfg = cfg.eval
+    eval_cfg.index, eval_cfg.server = cfg.index, list(cfg.server)
+    evaluator = Evaluator(eval_cfg, cfg.data, model, processor, out) if info.is_main else None
+    autocast = (torch.autocast(device_type=info.device.split(":")[0], dtype=torch.bfloat16)
+                if cfg.precision == "bf16" else contextlib.nullcontext())
+    pad_id = processor.tokenizer.pad_token_id or 0
+    image_token_id = model.config.image_token_id
+
+    def save(name: str) -> Path:
+        def extra(folder: Path) -> None:
+            if critic is not None:
+                critic.save(folder / "critic.pt", critic_parallel.optimizer)
+
+        full_state = {**state, "stream": stream.state(), "guard": guard.state(), "config": config_dict}
+        return save_checkpoint(out, name, model, processor, parallel, full_state, info, cfg.keep_checkpoints, extra)
+
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="rl", unit="step", disable=not (progress and info.is_main))
+    last_eval = None
+    model.train()
+    while state["step"] < cfg.steps:
+        step = state["step"] + 1
+        t_step = time.perf_counter()
+        times: dict[str, float] = defaultdict(float)
+
+        # 1-2. rollouts and rewards (with dynamic sampling's refills)
+        groups, generated, sampling_info = _collect(cfg, rollouts, stream, by_id, step, info, times)
+        flat = [t for g in groups for t in g]
+
+        # 3-5. scoring, advantages, updates
+        update = {}
+        if flat:
+            batch = _score(cfg, flat, parallel, ref, critic, pad_id, image_token_id, step, times, autocast)
+            _advantages(cfg, flat, batch)
+            t0 = time.perf_counter()
+            train_policy = critic is None or step > cfg.critic.warmup_steps
+            update = _update(cfg, flat, batch, parallel, critic_parallel, pad_id, image_token_id, step, info,
+                             autocast, train_policy)
+            times["update"] += time.perf_counter() - t0
+            state["updates"] += updates_per_step if train_policy else 0
+            t0 = time.perf_counter()
+            update.update(_likelihood_probe(flat, batch, parallel, pad_id, image_token_id, autocast))
+            times["scoring"] += time.perf_counter() - t0
+        times["weight_sync"] += rollouts.push_weights()
+        step_s = time.perf_counter() - t_step
+        state["train_s"] += step_s
+        state["step"] = step
+        bar.update(1)
+
+        # 6. metrics, trajectories, collapse guard, checkpoint, eval
+        record = rollout_metrics(_gather(generated, info), by_id)
+        record.update(_gather_update(update, info))
+        record.update(sampling_info)
+        record.update({f"time/{k}": v for k, v in times.items()})
+        record.update({"time/step": step_s, "lr": parallel.optimizer.param_groups[0]["lr"],
+                       "trajectories_per_s": all_sum(len(flat), info) / step_s,
+                       "trained_tokens_per_s": all_sum(sum(batch["n_trained"]) if flat else 0, info) / step_s})
+        verdict = guard.check(step, record)
+        if info.is_main:
+            metrics.write(step, "train", record)
+            _write_trajectories(out, step, groups, cfg.log_trajectories)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}")
+        if verdict is not None:
+            _act_on_collapse(cfg, out, verdict, guard, model, parallel, info)
+            continue
+        saving = bool(cfg.save_every) and step % cfg.save_every == 0 and step < cfg.steps
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+            last_eval = evaluate(evaluator, metrics, step, info, CURVES)
+            model.train()
+        if saving:
+            save(checkpoint_name(step))
+            if info.is_main:
+                plot_curves(out / "metrics.jsonl", out / "curves.png", CURVES)
+    bar.close()
+
+    last_eval = evaluate(evaluator, metrics, state["step"], info, CURVES) or last_eval
+    final = save("final")
+    rollouts.close()
+    result = {"final": str(final), "steps": state["step"], "train_s": state["train_s"], "eval": last_eval}
+    if info.is_main:
+        metrics.close()
+        result["curves"] = str(plot_curves(out / "metrics.jsonl", out / "curves.png", CURVES))
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+# -- 1-2. rollouts and rewards ------------------------------------------------------------------------
+
+def _collect(cfg: RLConfig, rollouts: Rollouts, stream: PromptStream, by_id: dict, step: int, info: DistInfo,
+             times: dict) -> tuple[list[list[Trajectory]], list[Trajectory], dict]:
+    """This rank's groups to train on, every trajectory generated this step, and dynamic sampling's counts."""
+    a, r = cfg.algorithm, cfg.rollout
+    want = r.prompts_per_step // info.world_size
+    kept: list[list[Trajectory]] = []
+    generated: list[Trajectory] = []
+    dropped = 0
+    for round_ in range(1 + (a.max_refills if a.dynamic_sampling else 0)):
+        prompts = stream.take(r.prompts_per_step)[info.rank::info.world_size]  # every rank advances alike
+        trajectories, timings = rollouts.run(prompts, step, round_)
+        times["generate"] += timings.generate_s
+        times["tools"] += timings.tools_s
+        t0 = time.perf_counter()
+        compute_rewards_batch(trajectories, by_id, cfg.rewards)
+        if a.overlong == "penalty":
+            lengths = torch.tensor([float(t.n_generated) for t in trajectories])
+            limit = cfg.rollout.agent.max_new_tokens_per_trajectory
+            penalties = algos.overlong_penalty(lengths, limit, min(a.overlong_buffer, limit), a.overlong_penalty)
+            for t, p in zip(trajectories, penalties.tolist()):
+                t.rewards["overlong_penalty"] = p
+                t.rewards["reward"] += p
+        times["reward"] += time.perf_counter() - t0
+        generated += trajectories
+        groups = _groups(trajectories)
+        if a.dynamic_sampling:
+            rewards = torch.tensor([t.rewards["reward"] for t in trajectories])
+            keep = algos.dynamic_sampling_keep(rewards, algos.group_index([t.example_id for t in trajectories]))
+            position = {id(t): i for i, t in enumerate(trajectories)}
+            informative = [g for g in groups if keep[position[id(g[0])]]]
+            dropped += len(groups) - len(informative)
+            groups = informative
+        kept += groups
+        # every rank rolls out the same number of rounds, so the prompt streams stay in step
+        if all_sum(float(len(kept) < want), info) == 0:
+            break
+    info_record = {"groups_kept": float(min(len(kept), want))}
+    if a.dynamic_sampling:
+        info_record.update({"groups_dropped": float(dropped), "refill_rounds": float(round_)})
+    return kept[:want], generated, info_record
+
+
+def _groups(trajectories: list[Trajectory]) -> list[list[Trajectory]]:
+    """Trajectories grouped by example id (never by position), groups in order of first appearance."""
+    by_example: dict[str, list[Trajectory]] = {}
+    for t in trajectories:
+        by_example.setdefault(t.example_id, []).append(t)
+    return list(by_example.values())
+
+
+# -- 3. scoring pass ------------------------------------------------------------------------------------------
+
+def _micro_batches(lengths: list[int], budget: int, tag: str) -> list[list[int]]:
+    """Token-budget micro-batches of positions in `lengths`, in a fixed order per `tag` (a longer sample goes alone)."""
+    return pack(lengths, max(budget, max(lengths)), seed=0, epoch=tag)
+
+
+@torch.no_grad()
+def _score(cfg: RLConfig, flat: list[Trajectory], parallel, ref, critic, pad_id: int, image_token_id: int,
+           step: int, times: dict, autocast) -> dict:
+    """Per-trajectory 1-D tensors: old, rollout and reference log-probs, values, loss masks."""
+    t0 = time.perf_counter()
+    a = cfg.algorithm
+    n = len(flat)
+    out: dict[str, list] = {k: [None] * n for k in ("old", "rollout", "ref", "values", "mask")}
+    scorer = parallel.module.module if hasattr(parallel.module, "module") else parallel.module
+    need_trainer = a.old_logprobs == "trainer" or a.tis_cap > 0
+    for ids in _micro_batches([len(t.token_ids) for t in flat], a.tokens_per_micro_batch, f"score:{step}"):
+        batch = _batch([flat[i] for i in ids], pad_id, image_token_id, scorer)
+        with autocast:
+            trainer_logp = scorer(batch)[0].float() if need_trainer else None
+            ref_logp = ref(batch)[0].float() if ref is not None else None
+            values = critic(batch).float() if critic is not None else None
+        for row, i in enumerate(ids):
+            length = len(flat[i].token_ids)
+            out["mask"][i] = batch["loss_mask"][row, :length].float().cpu()
+            out["rollout"][i] = batch["rollout_logprobs"][row, :length].cpu()
+            out["old"][i] = trainer_logp[row, :length].cpu() if trainer_logp is not None else out["rollout"][i]
+            if ref_logp is not None:
+                out["ref"][i] = ref_logp[row, :length].cpu()
+            if values is not None:
+                out["values"][i] = values[row, :length].cpu()
+    out["n_trained"] = [int(m[1:].sum()) for m in out["mask"]]
+    out["trainer"] = list(out["old"]) if need_trainer else None
+    if a.old_logprobs == "engine":
+        out["old"] = list(out["rollout"])
+    if a.overlong == "filter":  # trajectories cut by the token limit carry no loss
+        for i, t in enumerate(flat):
+            if t.stop_reason == "max_tokens":
+                out["mask"][i] = torch.zeros_like(out["mask"][i])
+    times["scoring"] += time.perf_counter() - t0
+    return out
+
+
+def _batch(trajectories: list[Trajectory], pad_id: int, image_token_id: int, scorer) -> dict:
+    device = next(scorer.parameters()).device
+    batch = collate(trajectories, pad_id, image_token_id)
+    return {k: v.to(device) if k in SCORE_INPUTS else v for k, v in batch.items()}
+
+
+# -- 4. advantages -------------------------------------------------------------------------------------------
+
+def _advantages(cfg: RLConfig, flat: list[Trajectory], batch: dict) -> None:
+    """Fills batch["advantages"] (per-token 1-D tensors) and, for PPO, batch["returns"]."""
+    a = cfg.algorithm
+    rewards = torch.tensor([t.rewards["reward"] for t in flat], dtype=torch.float32)
+    kl_sums = None
+    if a.kl_coef > 0 and a.kl_in_reward:
+        kl_sums = [(algos.kl_estimate(o, r, a.kl_estimator) * m).sum() for o, r, m in
+                   zip(batch["old"], batch["ref"], batch["mask"])]
+    if a.advantage == "gae":
+        longest = max(len(m) for m in batch["mask"])
+        mask = _pad(batch["mask"], longest)
+        token_rewards = torch.zeros_like(mask)
+        for i, m in enumerate(batch["mask"]):
+            trained = m.nonzero()
+            if len(trained):
+                token_rewards[i, int(trained[-1])] = rewards[i]
+        if kl_sums is not None:
+            kl = algos.kl_estimate(_pad(batch["old"], longest), _pad(batch["ref"], longest), a.kl_estimator)
+            token_rewards -= a.kl_coef * kl * mask
+        adv, returns = algos.gae_advantages(token_rewards, _pad(batch["values"], longest), mask, a.gamma, a.lam)
+        batch["advantages"] = [adv[i, :len(m)] for i, m in enumerate(batch["mask"])]
+        batch["returns"] = [returns[i, :len(m)] for i, m in enumerate(batch["mask"])]
+        batch["seq_advantage"] = [float(algos.masked_mean(x, m)) if m.sum() else 0.0
+                                  for x, m in zip(batch["advantages"], batch["mask"])]
+        return
+    if kl_sums is not None:
+        rewards = rewards - a.kl_coef * torch.stack(kl_sums)
+    groups = algos.group_index([t.example_id for t in flat])
+    seq_adv = algos.compute_advantages(a.advantage, rewards, groups)
+    batch["seq_advantage"] = seq_adv.tolist()
+    batch["advantages"] = [float(s) * m for s, m in zip(seq_adv, batch["mask"])]
+
+
+def _pad(rows: list[torch.Tensor], longest: int) -> torch.Tensor:
+    return torch.stack([torch.nn.functional.pad(r, (0, longest - len(r))) for r in rows])
+
+
+# -- 5. updates -----------------------------------------------------------------------------------------------
+
+def _update(cfg: RLConfig, flat: list[Trajectory], scored: dict, parallel, critic_parallel, pad_id: int,
+            image_token_id: int, step: int, info: DistInfo, autocast, train_policy: bool) -> dict:
+    """K passes of mini-batch updates; the token-weighted means of the loss terms and statistics."""
+    a = cfg.algorithm
+    n = len(flat)
+    sums: dict[str, float] = defaultdict(float)  # token-weighted statistics
+    counts: dict[str, float] = defaultdict(float)
+    losses: dict[str, float] = defaultdict(float)  # loss terms: summed over micro-batches, averaged over updates
+    grad_norms = []
+    norm_len = a.norm_len or cfg.rollout.agent.max_new_tokens_per_trajectory
+    scorer = parallel.module
+    order = list(range(n))
+    for epoch in range(a.ppo_epochs):
+        random.Random(f"{cfg.seed}:update:{step}:{epoch}").shuffle(order)
+        size = math.ceil(n / a.mini_batches)
+        for start in range(0, n, size):
+            mini = order[start:start + size]
+            global_tokens = all_sum(float(sum(scored["mask"][i][1:].sum() for i in mini)), info)
+            global_seqs = all_sum(float(len(mini)), info)
+            micro = _micro_batches([len(flat[i].token_ids) for i in mini], a.tokens_per_micro_batch,
+                                   f"update:{step}:{epoch}:{start}")
+            for k, positions in enumerate(micro):
+                ids = [mini[p] for p in positions]
+                batch = _batch([flat[i] for i in ids], pad_id, image_token_id, scorer)
+                longest = batch["input_ids"].shape[1]
+                device = batch["input_ids"].device
+                mask = _pad([scored["mask"][i] for i in ids], longest).to(device)
+                old = _pad([scored["old"][i] for i in ids], longest).to(device)
+                adv = _pad([scored["advantages"][i] for i in ids], longest).to(device)
+                last = k == len(micro) - 1
+                if train_policy:
+                    with parallel.accumulating(last=last):
+                        with autocast:
+                            logp, entropy = scorer(batch, with_entropy=True)
+                        loss, terms, stats = _policy_objective(cfg, logp.float(), entropy.float(), old, adv, mask,
+                                                               scored, ids, global_tokens, global_seqs, norm_len,
+                                                               longest, device)
+                        parallel.backward(loss)
+                    tokens = float(mask.sum())
+                    for key, value in stats.items():
+                        sums[key] += value * tokens
+                        counts[key] += tokens
+                    for key, value in terms.items():
+                        losses[key] += value
+                if critic_parallel is not None:
+                    with critic_parallel.accumulating(last=last):
+                        from mmsearch.rl.critic import value_loss
+
+                        with autocast:
+                            values = critic_parallel.module(batch).float()
+                        old_values = _pad([scored["values"][i] for i in ids], longest).to(device)
+                        returns = _pad([scored["returns"][i] for i in ids], longest).to(device)
+                        vl = algos.aggregate(value_loss(values, old_values, returns, mask, cfg.critic.value_clip),
+                                             mask, "token-mean", global_tokens, global_seqs)
+                        critic_parallel.backward(vl)
+                    losses["value_loss"] += float(vl.detach())
+            if train_policy:
+                grad_norms.append(parallel.step())
+            if critic_parallel is not None:
+                critic_parallel.step()
+    record = {key: sums[key] / counts[key] for key in sums if counts[key] > 0}
+    record.update({key: value / (a.ppo_epochs * a.mini_batches) for key, value in losses.items()})
+    if grad_norms:
+        record["grad_norm"] = max(grad_norms)
+    return record
+
+
+def _policy_objective(cfg: RLConfig, logp, entropy, old, adv, mask, scored: dict, ids: list[int],
+                      global_tokens: float, global_seqs: float, norm_len: int, longest: int, device
+                      ) -> tuple[torch.Tensor, dict[str, float], dict[str, float]]:
+    """This micro-batch's share of the mini-batch loss: clipped surrogate (+ KL, - entropy, + LLD term).
+
+    Returns the loss, its terms (shares of the mini-batch's, to be summed) and token-mean statistics.
+    """
+    a = cfg.algorithm
+    is_weights, stats, terms = None, {}, {}
+    if a.tis_cap > 0:
+        trainer = _pad([scored["trainer"][i] for i in ids], longest).to(device)
+        rollout = _pad([scored["rollout"][i] for i in ids], longest).to(device)
+        is_weights, is_stats = algos.truncated_is_weights(trainer, rollout, mask, a.tis_cap)
+        stats.update({k: float(v) for k, v in is_stats.items()})
+    pg, pg_stats = algos.policy_loss(logp, old, adv, mask, a.clip_low, a.clip_high, a.dual_clip, a.ratio_level,
+                                     is_weights)
+    agg = lambda x: algos.aggregate(x, mask, a.loss_agg, global_tokens, global_seqs, norm_len)
+    pg_loss = agg(pg)
+    loss = pg_loss
+    stats.update({k: float(v) for k, v in pg_stats.items()})
+    terms["pg_loss"] = float(pg_loss.detach())
+    stats["entropy"] = float(algos.masked_mean(entropy, mask))
+    if a.entropy_coef > 0:
+        loss = loss - a.entropy_coef * agg(entropy)
+    if a.kl_coef > 0:
+        ref = _pad([scored["ref"][i] for i in ids], longest).to(device)
+        kl = algos.kl_estimate(logp, ref, a.kl_estimator)
+        stats["kl"] = float(algos.masked_mean(kl.detach(), mask))
+        if not a.kl_in_reward:
+            loss = loss + a.kl_coef * agg(kl)
+    if a.lld_coef > 0:  # keep non-negative-advantage trajectories from losing likelihood (LLDS-style)
+        keep = (adv >= 0).float() * mask
+        lld = agg(torch.relu(old - logp) * keep)
+        terms["lld_loss"] = float(lld.detach())
+        loss = loss + a.lld_coef * lld
+    terms["loss"] = float(loss.detach())
+    return loss, terms, stats
+
+
+@torch.no_grad()
+def _likelihood_probe(flat: list[Trajectory], scored: dict, parallel, pad_id: int, image_token_id: int,
+                      autocast) -> dict:
+    """Mean per-token log-prob of the non-negative-advantage trajectories before vs after the update.
+
+    A fall step after step is Lazy Likelihood Displacement (arXiv 2512.04220), a published cause of
+    GRPO collapse: the update pushes down the very trajectories it should reinforce.
+    """
+    chosen = [i for i, s in enumerate(scored["seq_advantage"]) if s >= 0 and scored["mask"][i].sum() > 0]
+    if not chosen:
+        return {}
+    scorer = parallel.module.module if hasattr(parallel.module, "module") else parallel.module
+    before = after = tokens = 0.0
+    for positions in _micro_batches([len(flat[i].token_ids) for i in chosen], 1 << 14, "probe"):
+        ids = [chosen[p] for p in positions]
+        batch = _batch([flat[i] for i in ids], pad_id, image_token_id, scorer)
+        with autocast:
+            logp = scorer(batch)[0].float().cpu()
+        for row, i in enumerate(ids):
+            m = scored["mask"][i]
+            after += float((logp[row, :len(m)] * m).sum())
+            before += float((scored["old"][i] * m).sum())
+            tokens += float(m.sum())
+    return {"lld/logp_before": before / tokens, "lld/logp_after": after / tokens,
+            "lld/delta": (after - before) / tokens}
+
+
+# -- 6. logging, collapse, resume ---------------------------------------------------------------------------
+
+def _gather(trajectories: list[Trajectory], info: DistInfo) -> list[dict]:
+    """Every rank's trajectory records (rewards included), on every rank."""
+    records = [t.to_record() for t in trajectories]
+    if info.world_size == 1:
+        return records
+    import torch.distributed as dist
+
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, records)
+    return [r for part in gathered for r in part]
+
+
+def _gather_update(update: dict, info: DistInfo) -> dict:
+    """Means over ranks (max for the gradient norm, which DDP makes equal anyway)."""
+    if info.world_size == 1:
+        return update
+    return {k: all_sum(v, info) / info.world_size for k, v in update.items()}
+
+
+def _write_trajectories(out: Path, step: int, groups: list[list[Trajectory]], n: int) -> None:
+    """A sample of the step's trajectories (one per group first), for a person to read."""
+    if n <= 0:
+        return
+    picked = [g[s] for s in range(max(len(g) for g in groups)) for g in groups if s < len(g)][:n] if groups else []
+    folder = out / "trajectories"
+    folder.mkdir(exist_ok=True)
+    with (folder / f"step-{step:06d}.jsonl").open("w") as f:
+        for t in picked:
+            f.write(json.dumps({"step": step, **t.to_record()}, ensure_ascii=False, default=str) + "\n")
+
+
+def _act_on_collapse(cfg: RLConfig, out: Path, verdict: str, guard: CollapseGuard, model, parallel,
+                     info: DistInfo) -> None:
+    last = latest_checkpoint(out)
+    if cfg.guard.action == "rollback" and last is not None and guard.rollbacks < cfg.guard.max_rollbacks:
+        guard.rollbacks += 1
+        guard.bad_streak = 0
+        _load_weights(model, last)
+        load_trainer_state(last, model, parallel, info)
+        if info.is_main:
+            print(f"rl: {verdict}; rolled back to {last} (rollback {guard.rollbacks} of {cfg.guard.max_rollbacks}); "
+                  "continuing with the next questions")
+        return
+    where = f"the last checkpoint is {last}" if last is not None else "no checkpoint was written"
+    raise Collapsed(f"{verdict}. Stopped ({where}). Lower optim.lr, raise kl_coef, or set guard.action=rollback.")
+
+
+def _load_weights(model, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(f))
+    hf_model(model).load_state_dict(state, strict=False)
+
+
+def _restore(folder: Path, model, parallel, critic, critic_parallel, info: DistInfo) -> dict:
+    saved = load_trainer_state(folder, model, parallel, info)
+    if critic is not None:
+        critic.load(folder / "trainer_state" / "critic.pt", critic_parallel.optimizer)
+    barrier(info)
+    return saved
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
