@@ -6,6 +6,7 @@ The pure algorithms are tested in test_rl_algos.py; here the loop that composes 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -202,3 +203,76 @@ def test_a_dataset_without_answers_is_refused(policy_dir, gold_dataset, index_di
 def test_every_recipe_config_loads_and_checks(recipe):
     cfg = load_config(RLConfig, Path(__file__).parents[1] / "configs" / "rl" / recipe)
     cfg.check()
+
+
+def test_ppo_with_a_critic_and_kl_in_the_reward(policy_dir, gold_dataset, index_dir, tmp_path):
+    out = tmp_path / "ppo"
+    cfg = _cfg(policy_dir, gold_dataset, index_dir, out, "steps=1", "algorithm.advantage=gae", "rollout.group_size=1",
+               "rollout.prompts_per_step=4", "algorithm.kl_coef=0.01", "algorithm.kl_in_reward=true",
+               "algorithm.kl_estimator=k1", "algorithm.mini_batches=2", "critic.lr=1e-3")
+    train_rl(cfg, progress=False)
+    [record] = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert record["value_loss"] > 0 and math.isfinite(record["value_loss"])
+    assert (out / "final" / "trainer_state" / "critic.pt").is_file()
+
+
+def test_kl_to_the_reference_is_zero_before_the_first_update(policy_dir, gold_dataset, index_dir, tmp_path):
+    out = tmp_path / "kl"
+    train_rl(_cfg(policy_dir, gold_dataset, index_dir, out, "steps=1", "algorithm.kl_coef=0.1"), progress=False)
+    [record] = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert record["kl"] == pytest.approx(0.0, abs=1e-5)  # one mini-batch: the policy still equals the reference
+
+
+def test_dynamic_sampling_trains_only_on_groups_whose_rewards_differ(policy_dir, gold_dataset, index_dir, tmp_path):
+    out = tmp_path / "dapo"
+    train_rl(_cfg(policy_dir, gold_dataset, index_dir, out, "steps=1", "algorithm.dynamic_sampling=true",
+                  "algorithm.max_refills=3", "log_trajectories=8"), progress=False)
+    [record] = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    rounds = record["refill_rounds"] + 1
+    assert record["trajectories"] == 4 * rounds  # every round rolls out B x G
+    assert record["groups_kept"] + record["groups_dropped"] >= 2 * rounds - 2  # kept groups beyond B are unused
+    logged = [json.loads(line) for line in (out / "trajectories" / "step-000001.jsonl").read_text().splitlines()]
+    by_example: dict[str, set] = {}
+    for r in logged:
+        by_example.setdefault(r["example_id"], set()).add(r["rewards"]["first_token_even"])
+    assert by_example and all(len(values) == 2 for values in by_example.values())
+
+
+def test_a_tool_server_dying_mid_rollout_becomes_counted_error_observations(policy_dir, gold_dataset, index_dir,
+                                                                          search, tmp_path):
+    """The policy's calls after the server died read as errors; the step finishes and counts them."""
+    from transformers import AutoProcessor
+
+    from mmsearch.engines.scripted import ScriptedEngine
+    from mmsearch.eval.loaders import load_examples
+    from mmsearch.rl.metrics import rollout_metrics
+    from mmsearch.rl.rollout import PromptStream, Rollouts
+    from mmsearch.rl.train import _collect
+    from mmsearch.training.config import FreezeConfig, LoraConfig
+    from mmsearch.training.model import load_policy
+    from mmsearch.training.parallel import DistInfo
+    from tools.config import ServeConfig
+    from tools.server.app import BackgroundServer, create_app
+
+    examples, _ = load_examples(str(gold_dataset), split="train")
+    by_id = {ex.id: ex for ex in examples}
+    searching = lambda traj: ('<think>look it up</think><tool_call>{"name": "text_search", "arguments": '
+                              '{"query": "capital"}}</tool_call>' if not traj.tool_calls else
+                              "<think>done</think><answer>x</answer>")
+    processor = AutoProcessor.from_pretrained(policy_dir)
+    model = load_policy(str(policy_dir), "cpu", LoraConfig(), FreezeConfig())
+    with BackgroundServer(create_app(search, ServeConfig(index=str(index_dir)))) as server:
+        cfg = _cfg(policy_dir, gold_dataset, index_dir, tmp_path / "x", f"server=[{server.url}]",
+                   "rollout.agent.max_new_tokens_per_turn=64", "rollout.agent.max_new_tokens_per_trajectory=128")
+        rollouts = Rollouts(cfg, model, processor)
+        rollouts.loop.engine = ScriptedEngine(processor.tokenizer, searching)
+        stream, times = PromptStream(examples, seed=0), {"generate": 0.0, "tools": 0.0, "reward": 0.0}
+        _, alive, _ = _collect(cfg, rollouts, stream, by_id, 1, DistInfo(), times)
+    # the server is gone now
+    _, dead, _ = _collect(cfg, rollouts, stream, by_id, 2, DistInfo(), times)
+    rollouts.close()
+    assert rollout_metrics([t.to_record() for t in alive], by_id)["tool_errors"] == 0
+    metrics = rollout_metrics([t.to_record() for t in dead], by_id)
+    assert metrics["tool_errors"] == 4 and metrics["calls/text_search"] == 1.0
+    assert all(t.stop_reason == "answered" for t in dead)
+    assert all(t.tool_calls[0].result.startswith("Error") for t in dead)
