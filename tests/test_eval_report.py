@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmsearch.eval.report import markdown, summarize, write_report
+from mmsearch.eval.report import compare, markdown, summarize, write_report
 from mmsearch.example import Example
 from mmsearch.trajectory import ToolCallRecord, Trajectory, TurnRecord
 
@@ -70,6 +70,7 @@ def test_summary_matches_hand_computed_values():
         "crop": {"calls_per_question": 0.25, "share_used": 0.25, "calls": 1, "errors": 1},
     }
     assert s["search_share"] == 0.75
+    assert s["search_free_no_tool_share"] == 0.5  # q1 is search-free: sample 0 used no tool, sample 1 searched
     assert s["mean_turns"] == 2.5
     assert s["mean_generated_tokens"] == 25.0
     assert s["mean_total_tokens"] == 187.5
@@ -126,3 +127,17 @@ def test_write_report_writes_the_three_files(tmp_path: Path):
     assert [json.loads(line) for line in lines] == records
     assert json.loads((out / "summary.json").read_text()) == summary
     assert (out / "report.md").read_text() == markdown(summary)
+
+
+def test_compare_puts_runs_side_by_side_with_the_change():
+    before = summarize(_records(), EXAMPLES, wall_s=2.0)
+    better = _records()
+    better[2]["rewards"] = {"exact_match": 1.0, "f1": 1.0, "substring": 1.0}  # q2 (2 hops, needs search) now right
+    after = summarize(better, EXAMPLES, wall_s=2.0)
+    table = compare({"SFT": before, "SFT + RL": after})
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:]}
+    assert rows["EM, all questions"] == ["25.0%", "50.0%", "+25.0 pts |"]
+    assert rows["EM, 2 hops"] == ["0.0%", "50.0%", "+50.0 pts |"]
+    assert rows["EM, search-free"] == ["50.0%", "50.0%", "+0.0 pts |"]
+    assert rows["tool calls per question"] == ["1.25", "1.25", "+0.00 |"]
+    assert rows["search-free questions answered without a tool"][0] == "50.0%"

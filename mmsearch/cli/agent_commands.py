@@ -107,3 +107,21 @@ def rl_run(args) -> int:
         print(markdown(result["eval"]))
     print(f"wrote {result['final']} ({result['steps']} steps, {result['train_s']:.0f} s); curves: {result['curves']}")
     return 0
+
+
+def compare_runs(args) -> int:
+    import json
+
+    from mmsearch.eval.report import compare
+
+    labels = args.labels.split(",") if args.labels else [Path(r).name for r in args.runs]
+    if len(labels) != len(args.runs):
+        raise ValueError(f"--labels names {len(labels)} runs but {len(args.runs)} were given")
+    summaries = {}
+    for label, run in zip(labels, args.runs):
+        path = Path(run) / "summary.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass dirs written by `mmsearch eval`")
+        summaries[label] = json.loads(path.read_text())
+    print(compare(summaries))
+    return 0

@@ -27,6 +27,7 @@ HANDLERS = {
     ("synth",): "mmsearch.cli.data_commands:synth_run",
     ("sft",): "mmsearch.cli.agent_commands:sft_run",
     ("rl",): "mmsearch.cli.agent_commands:rl_run",
+    ("compare",): "mmsearch.cli.agent_commands:compare_runs",
     ("synth-import",): "mmsearch.cli.data_commands:synth_import",
 }
 
@@ -134,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="RL steps")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     _job_args(p)
+
+    p = sub.add_parser("compare", help="side-by-side table of eval runs (e.g. before and after RL)")
+    p.add_argument("runs", nargs="+", help="eval run dirs (each with summary.json)")
+    p.add_argument("--labels", help="comma-separated names for the runs (default: the dir names)")
 
     demo = sub.add_parser("demo", help="show the stack on the embedded world").add_subparsers(dest="action", required=True)
     p = demo.add_parser("tools", help="crop, image_search and text_search on a world scene")

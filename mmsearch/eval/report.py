@@ -69,6 +69,9 @@ def summarize(records: list[dict], examples: dict[str, Example], wall_s: float) 
         "tools": tool_table,
         "search_share": _mean([1.0 if any(c["name"] in SEARCH_TOOLS for c in r.get("tool_calls", [])) else 0.0
                                for r in records]),
+        # questions that need no search, answered without calling any tool (R1-Searcher++'s measure)
+        "search_free_no_tool_share": _mean([0.0 if r.get("tool_calls") else 1.0 for r in records
+                                            if search_key(r) == "false"]),
         "mean_turns": _mean([len(r.get("turns", [])) for r in records]),
         "mean_generated_tokens": _mean([r.get("n_generated", 0) for r in records]),
         "mean_total_tokens": _mean([r.get("n_tokens", 0) for r in records]),
@@ -187,3 +190,34 @@ def write_report(out_dir: str | Path, records: list[dict], examples: dict[str, E
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "report.md").write_text(markdown(summary), encoding="utf-8")
     return summary
+
+
+def compare(summaries: dict[str, dict]) -> str:
+    """A side-by-side table of eval summaries (e.g. {"SFT": ..., "SFT + RL": ...}), with the change."""
+    names = list(summaries)
+    rows: list[tuple[str, list[float | None], bool]] = []  # (measure, values, is a rate)
+    pick = lambda f: [f(s) for s in summaries.values()]  # noqa: E731
+    rows.append(("EM, all questions", pick(lambda s: s["overall"]["em"]), True))
+    hops = sorted({k for s in summaries.values() for k in s["by_hops"]}, key=lambda k: (k == UNKNOWN, k))
+    rows += [(f"EM, {k} hops", pick(lambda s, k=k: s["by_hops"].get(k, {}).get("em")), True) for k in hops]
+    for key, label in (("true", "requires search"), ("false", "search-free")):
+        rows.append((f"EM, {label}", pick(lambda s, key=key: s["by_requires_search"].get(key, {}).get("em")), True))
+    rows.append(("tool calls per question", pick(lambda s: sum(t["calls_per_question"] for t in s["tools"].values())),
+                 False))
+    for tool in ("crop", "image_search", "text_search"):
+        rows.append((f"  {tool} calls per question", pick(lambda s, t=tool: s["tools"].get(t, {}).get(
+            "calls_per_question")), False))
+    rows.append(("share of trajectories that searched", pick(lambda s: s["search_share"]), True))
+    rows.append(("search-free questions answered without a tool",
+                 pick(lambda s: s.get("search_free_no_tool_share")), True))
+    rows.append(("trajectories with an invalid action", pick(lambda s: s["invalid_share"]), True))
+    table = []
+    for label, values, rate in rows:
+        shown = [("–" if v is None else _pct(v) if rate else _num(v)) for v in values]
+        first, last = values[0], values[-1]
+        if first is None or last is None:
+            change = "–"
+        else:
+            change = f"{100 * (last - first):+.1f} pts" if rate else f"{last - first:+.2f}"
+        table.append([label, *shown, change])
+    return _table(["measure", *names, "change"], table) + "\n"
