@@ -196,7 +196,7 @@ def compare(summaries: dict[str, dict]) -> str:
     """A side-by-side table of eval summaries (e.g. {"SFT": ..., "SFT + RL": ...}), with the change."""
     names = list(summaries)
     rows: list[tuple[str, list[float | None], bool]] = []  # (measure, values, is a rate)
-    pick = lambda f: [f(s) for s in summaries.values()]  # noqa: E731
+    pick = lambda f: [f(s) for s in summaries.values()]
     rows.append(("EM, all questions", pick(lambda s: s["overall"]["em"]), True))
     hops = sorted({k for s in summaries.values() for k in s["by_hops"]}, key=lambda k: (k == UNKNOWN, k))
     rows += [(f"EM, {k} hops", pick(lambda s, k=k: s["by_hops"].get(k, {}).get("em")), True) for k in hops]
