@@ -462,7 +462,7 @@ def _policy_objective(cfg: RLConfig, logp, entropy, old, adv, mask, scored: dict
     loss = pg_loss
     stats.update({k: float(v) for k, v in pg_stats.items()})
     terms["pg_loss"] = float(pg_loss.detach())
-    stats["entropy"] = float(algos.masked_mean(entropy, mask))
+    stats["entropy"] = float(algos.masked_mean(entropy.detach(), mask))
     if a.entropy_coef > 0:
         loss = loss - a.entropy_coef * agg(entropy)
     if a.kl_coef > 0:
