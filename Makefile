@@ -17,8 +17,9 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# world -> CLIP -> indexes -> a few tool calls -> tiny policy -> dataset (gold trajectories) -> SFT -> ask + eval, all offline.
-# A rerun reuses the finished SFT run in $(RUN)/sft (--resume); delete it to train again.
+# world -> CLIP -> indexes -> a few tool calls -> tiny policy -> dataset (gold trajectories) -> SFT -> ask + eval
+# -> RL -> eval -> the before/after table, all offline.
+# A rerun reuses the finished SFT and RL runs in $(RUN)/sft and $(RUN)/rl (--resume); delete them to train again.
 demo: install
 	$(BIN)/mmsearch world build --config configs/world/default.yaml --out $(RUN)/world --seed $(SEED)
 	$(BIN)/mmsearch clip train --config configs/clip/tiny.yaml --kb $(RUN)/world --out $(RUN)/clip
@@ -34,6 +35,11 @@ demo: install
 		"What is the capital of the nation whose flag is at the top left?" --out $(RUN)/ask
 	$(BIN)/mmsearch eval --config configs/eval/default.yaml --model $(RUN)/sft/final --data $(RUN)/dataset --split test \
 		--index $(RUN)/index --out $(RUN)/eval
+	$(BIN)/mmsearch rl --config configs/rl/tiny.yaml --model $(RUN)/sft/final --data $(RUN)/dataset --index $(RUN)/index \
+		--out $(RUN)/rl --resume eval.enabled=false
+	$(BIN)/mmsearch eval --config configs/eval/default.yaml --model $(RUN)/rl/final --data $(RUN)/dataset --split test \
+		--index $(RUN)/index --out $(RUN)/eval_rl
+	$(BIN)/mmsearch compare $(RUN)/eval $(RUN)/eval_rl --labels "SFT,SFT + RL"
 
 # Fast suite (what CI runs); `make test-all` adds the slow tests.
 test: install

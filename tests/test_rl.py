@@ -64,6 +64,9 @@ def test_rl_run_writes_checkpoint_metrics_curves_and_trajectories(policy_dir, go
     assert train[0]["trajectories"] == 4.0
     # old log-probs are recomputed by the trainer before any update: ratio 1 exactly on the first pass
     assert train[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    # invariant 4 measured every step: the engine's log-probs are the trainer's on the same weights
+    assert train[0]["mismatch/ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert train[0]["mismatch/ratio_max"] < 1.01 and train[0]["mismatch/ess"] > 0.999
     assert (out / "curves.png").stat().st_size > 0 and (out / "tensorboard").is_dir()
     lines = (out / "trajectories" / "step-000002.jsonl").read_text().splitlines()
     assert len(lines) == 4 and {json.loads(line)["step"] for line in lines} == {2}

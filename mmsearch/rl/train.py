@@ -187,6 +187,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
             state["updates"] += updates_per_step if train_policy else 0
             t0 = time.perf_counter()
             update.update(_likelihood_probe(flat, batch, parallel, pad_id, image_token_id, autocast))
+            update.update(batch["mismatch"])
             times["scoring"] += time.perf_counter() - t0
         times["weight_sync"] += rollouts.push_weights()
         step_s = time.perf_counter() - t_step
@@ -299,24 +300,29 @@ def _score(cfg: RLConfig, flat: list[Trajectory], parallel, ref, critic, pad_id:
     n = len(flat)
     out: dict[str, list] = {k: [None] * n for k in ("old", "rollout", "ref", "values", "mask")}
     scorer = parallel.module.module if hasattr(parallel.module, "module") else parallel.module
-    need_trainer = a.old_logprobs == "trainer" or a.tis_cap > 0
     for ids in _micro_batches([len(t.token_ids) for t in flat], a.tokens_per_micro_batch, f"score:{step}"):
         batch = _batch([flat[i] for i in ids], pad_id, image_token_id, scorer)
         with autocast:
-            trainer_logp = scorer(batch)[0].float() if need_trainer else None
+            trainer_logp = scorer(batch)[0].float()  # always: the engine/trainer mismatch is logged every step
             ref_logp = ref(batch)[0].float() if ref is not None else None
             values = critic(batch).float() if critic is not None else None
         for row, i in enumerate(ids):
             length = len(flat[i].token_ids)
             out["mask"][i] = batch["loss_mask"][row, :length].float().cpu()
             out["rollout"][i] = batch["rollout_logprobs"][row, :length].cpu()
-            out["old"][i] = trainer_logp[row, :length].cpu() if trainer_logp is not None else out["rollout"][i]
+            out["old"][i] = trainer_logp[row, :length].cpu()
             if ref_logp is not None:
                 out["ref"][i] = ref_logp[row, :length].cpu()
             if values is not None:
                 out["values"][i] = values[row, :length].cpu()
     out["n_trained"] = [int(m[1:].sum()) for m in out["mask"]]
-    out["trainer"] = list(out["old"]) if need_trainer else None
+    out["trainer"] = list(out["old"])
+    # invariant 4, measured: how far the engine's log-probs are from the trainer's on the same weights
+    longest = max(len(m) for m in out["mask"])
+    _, mismatch = algos.truncated_is_weights(_pad(out["trainer"], longest), _pad(out["rollout"], longest),
+                                             _pad(out["mask"], longest), math.inf)
+    out["mismatch"] = {f"mismatch/{k.removeprefix('is_')}": float(v) for k, v in mismatch.items()
+                       if k != "is_capped_frac"}
     if a.old_logprobs == "engine":
         out["old"] = list(out["rollout"])
     if a.overlong == "filter":  # trajectories cut by the token limit carry no loss
