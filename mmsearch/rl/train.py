@@ -528,7 +528,7 @@ def _gather(trajectories: list[Trajectory], info: DistInfo) -> list[dict]:
 
 
 def _gather_update(update: dict, info: DistInfo) -> dict:
-    """Means over ranks (max for the gradient norm, which DDP makes equal anyway)."""
+    """Means over ranks (the gradient norm is the same on every rank: DDP all-reduces the gradients)."""
     if info.world_size == 1:
         return update
     return {k: all_sum(v, info) / info.world_size for k, v in update.items()}

@@ -7,6 +7,7 @@ are dropped), so a resumed run's files read exactly like an uninterrupted run's.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -64,6 +65,18 @@ def _lines(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+SMOOTH = 5  # steps in the moving mean drawn over long, noisy curves
+
+
+def _moving_mean(values: tuple[float, ...], window: int) -> list[float]:
+    """The mean of each value and up to `window - 1` before it."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_curves(metrics: str | Path, out: str | Path, panels: list[tuple[str, str, str]]) -> Path:
     """A PNG with one panel per (kind, key, title) found in the metrics log; panels with no data are left out."""
     import matplotlib
@@ -74,10 +87,18 @@ def plot_curves(metrics: str | Path, out: str | Path, panels: list[tuple[str, st
     records = read_metrics(metrics)
     shown = [(kind, key, title) for kind, key, title in panels
              if any(r.get("kind") == kind and key in r for r in records)]
-    fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(4.5 * max(1, len(shown)), 3.4), squeeze=False)
-    for ax, (kind, key, title) in zip(axes[0], shown):
-        points = [(r["step"], r[key]) for r in records if r.get("kind") == kind and key in r]
-        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3)
+    cols = min(4, max(1, len(shown)))
+    rows = max(1, math.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
+    for ax, (kind, key, title) in zip(axes.flat, shown):
+        steps, values = zip(*[(r["step"], r[key]) for r in records if r.get("kind") == kind and key in r])
+        if len(values) >= 2 * SMOOTH:  # noisy per-step curves (RL): the raw points faint, a moving mean over them
+            ax.plot(steps, values, alpha=0.3, linewidth=1)
+            ax.plot(steps, _moving_mean(values, SMOOTH), linewidth=2, color="C0")
+        else:
+            ax.plot(steps, values, marker="o" if len(values) < 30 else None, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
