@@ -241,6 +241,7 @@ def _collect(cfg: RLConfig, rollouts: Rollouts, stream: PromptStream, by_id: dic
     want = r.prompts_per_step // info.world_size
     kept: list[list[Trajectory]] = []
     generated: list[Trajectory] = []
+    uninformative: list[list[Trajectory]] = []
     dropped = 0
     for round_ in range(1 + (a.max_refills if a.dynamic_sampling else 0)):
         prompts = stream.take(r.prompts_per_step)[info.rank::info.world_size]  # every rank advances alike
@@ -264,6 +265,7 @@ def _collect(cfg: RLConfig, rollouts: Rollouts, stream: PromptStream, by_id: dic
             keep = algos.dynamic_sampling_keep(rewards, algos.group_index([t.example_id for t in trajectories]))
             position = {id(t): i for i, t in enumerate(trajectories)}
             informative = [g for g in groups if keep[position[id(g[0])]]]
+            uninformative += [g for g in groups if not keep[position[id(g[0])]]]
             dropped += len(groups) - len(informative)
             groups = informative
         kept += groups
@@ -273,6 +275,10 @@ def _collect(cfg: RLConfig, rollouts: Rollouts, stream: PromptStream, by_id: dic
     info_record = {"groups_kept": float(min(len(kept), want))}
     if a.dynamic_sampling:
         info_record.update({"groups_dropped": float(dropped), "refill_rounds": float(round_)})
+    if info.world_size > 1 and len(kept) < want:
+        # every rank must run the same mini-batches (their collectives pair up): top up with dropped groups,
+        # whose advantages are zero
+        kept += uninformative[:want - len(kept)]
     return kept[:want], generated, info_record
 
 
