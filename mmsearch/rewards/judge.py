@@ -158,12 +158,17 @@ def judge_reward(trajectory: Trajectory, example: Example, cfg: RewardConfig | N
     check_judge_config(judge_cfg)
     if trajectory.final_answer is None:
         return {"judge": 0.0, "judge_error": 0.0}
+    correct, error = _verdict(judge_cfg, trajectory, example)
+    return {"judge": correct, "judge_error": error}
+
+
+def _verdict(judge_cfg: JudgeConfig, trajectory: Trajectory, example: Example) -> tuple[float, float]:
+    """(correct, judge_error) for the trajectory's final answer; a lost verdict scores 0 and is counted."""
     try:
-        correct = ask_judge(judge_cfg, example.question, example.answers, trajectory.final_answer)
+        return float(ask_judge(judge_cfg, example.question, example.answers, trajectory.final_answer)), 0.0
     except JudgeError as exc:
         logger.warning("judge failed on %s/%d, scored 0: %s", trajectory.example_id, trajectory.sample, exc)
-        return {"judge": 0.0, "judge_error": 1.0}
-    return {"judge": float(correct), "judge_error": 0.0}
+        return 0.0, 1.0
 
 
 @register_reward("answer_or_judge", requires=("answers",))
@@ -183,9 +188,5 @@ def answer_or_judge_reward(trajectory: Trajectory, example: Example, cfg: Reward
     matched = exact_match(trajectory.final_answer, example.answers)
     if matched == 1.0 or not judge_cfg.api_base:
         return {"correct": matched, "judge_error": 0.0}
-    try:
-        correct = ask_judge(judge_cfg, example.question, example.answers, trajectory.final_answer)
-    except JudgeError as exc:
-        logger.warning("judge failed on %s/%d, scored 0: %s", trajectory.example_id, trajectory.sample, exc)
-        return {"correct": 0.0, "judge_error": 1.0}
-    return {"correct": float(correct), "judge_error": 0.0}
+    correct, error = _verdict(judge_cfg, trajectory, example)
+    return {"correct": correct, "judge_error": error}
