@@ -100,10 +100,8 @@ def test_update_raises_the_likelihood_of_positive_advantage_trajectories(policy_
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     parallel = TorchParallel(TokenScorer(model), optimizer, scheduler, DistInfo(), max_grad_norm=0.0)
-    times: dict = {}
-    times.setdefault("scoring", 0.0)
-    scored = rl._score(cfg, trajectories, parallel, None, None, 0, model.config.image_token_id, 1, times,
-                       torch.autocast("cpu", enabled=False))
+    scored = rl._score(cfg, trajectories, parallel, None, None, 0, model.config.image_token_id, 1, {"scoring": 0.0},
+                       torch.autocast("cpu", enabled=False), DistInfo())
     rl._advantages(cfg, trajectories, scored)
     assert [round(a, 3) for a in scored["seq_advantage"]] == [0.707, -0.707, 0.707, -0.707]
     rl._update(cfg, trajectories, scored, parallel, None, 0, model.config.image_token_id, 1, DistInfo(),

@@ -60,7 +60,7 @@ from mmsearch.training.config import FreezeConfig, LoraConfig
 from mmsearch.training.evaluate import Evaluator, evaluate
 from mmsearch.training.metrics import MetricsLog, plot_curves
 from mmsearch.training.model import hf_model, load_policy, trainable_parameters
-from mmsearch.training.parallel import DistInfo, TorchParallel, all_sum, barrier, init_distributed
+from mmsearch.training.parallel import DistInfo, TorchParallel, all_max, all_sum, barrier, init_distributed
 from mmsearch.training.schedule import lr_lambda
 from mmsearch.trajectory import Trajectory
 
@@ -177,7 +177,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
         # 3-5. scoring, advantages, updates
         update = {}
         if flat:
-            batch = _score(cfg, flat, parallel, ref, critic, pad_id, image_token_id, step, times, autocast)
+            batch = _score(cfg, flat, parallel, ref, critic, pad_id, image_token_id, step, times, autocast, info)
             _advantages(cfg, flat, batch)
             t0 = time.perf_counter()
             train_policy = critic is None or step > cfg.critic.warmup_steps
@@ -186,7 +186,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
             times["update"] += time.perf_counter() - t0
             state["updates"] += updates_per_step if train_policy else 0
             t0 = time.perf_counter()
-            update.update(_likelihood_probe(flat, batch, parallel, pad_id, image_token_id, autocast))
+            update.update(_likelihood_probe(flat, batch, parallel, pad_id, image_token_id, autocast, info))
             update.update(batch["mismatch"])
             times["scoring"] += time.perf_counter() - t0
         times["weight_sync"] += rollouts.push_weights()
@@ -197,7 +197,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
 
         # 6. metrics, trajectories, collapse guard, checkpoint, eval
         record = rollout_metrics(_gather(generated, info), by_id)
-        record.update(_gather_update(update, info))
+        record.update(update)
         record.update(sampling_info)
         record.update({f"time/{k}": v for k, v in times.items()})
         record.update({"time/step": step_s, "lr": parallel.optimizer.param_groups[0]["lr"],
@@ -299,7 +299,7 @@ def _micro_batches(lengths: list[int], budget: int, tag: str) -> list[list[int]]
 
 @torch.no_grad()
 def _score(cfg: RLConfig, flat: list[Trajectory], parallel, ref, critic, pad_id: int, image_token_id: int,
-           step: int, times: dict, autocast) -> dict:
+           step: int, times: dict, autocast, info: DistInfo) -> dict:
     """Per-trajectory 1-D tensors: old, rollout and reference log-probs, values, loss masks."""
     t0 = time.perf_counter()
     a = cfg.algorithm
@@ -324,11 +324,7 @@ def _score(cfg: RLConfig, flat: list[Trajectory], parallel, ref, critic, pad_id:
     out["n_trained"] = [int(m[1:].sum()) for m in out["mask"]]
     out["trainer"] = list(out["old"])
     # invariant 4, measured: how far the engine's log-probs are from the trainer's on the same weights
-    longest = max(len(m) for m in out["mask"])
-    _, mismatch = algos.truncated_is_weights(_pad(out["trainer"], longest), _pad(out["rollout"], longest),
-                                             _pad(out["mask"], longest), math.inf)
-    out["mismatch"] = {f"mismatch/{k.removeprefix('is_')}": float(v) for k, v in mismatch.items()
-                       if k != "is_capped_frac"}
+    out["mismatch"] = _mismatch(out["trainer"], out["rollout"], out["mask"], info)
     if a.old_logprobs == "engine":
         out["old"] = list(out["rollout"])
     if a.overlong == "filter":  # trajectories cut by the token limit carry no loss
@@ -337,6 +333,17 @@ def _score(cfg: RLConfig, flat: list[Trajectory], parallel, ref, critic, pad_id:
                 out["mask"][i] = torch.zeros_like(out["mask"][i])
     times["scoring"] += time.perf_counter() - t0
     return out
+
+
+def _mismatch(trainer: list[torch.Tensor], rollout: list[torch.Tensor], masks: list[torch.Tensor], info: DistInfo
+              ) -> dict[str, float]:
+    """Mean and max of exp(trainer - engine log-prob) over generated tokens, and its effective sample size share."""
+    ratios = torch.cat([torch.exp(t - r)[m.bool()] for t, r, m in zip(trainer, rollout, masks)])
+    n = all_sum(float(ratios.numel()), info)
+    total, squares = all_sum(float(ratios.sum()), info), all_sum(float((ratios ** 2).sum()), info)
+    return {"mismatch/ratio_mean": total / max(n, 1.0),
+            "mismatch/ratio_max": all_max(float(ratios.max()) if ratios.numel() else 0.0, info),
+            "mismatch/ess": total ** 2 / (n * squares) if squares > 0 else 0.0}
 
 
 def _batch(trajectories: list[Trajectory], pad_id: int, image_token_id: int, scorer) -> dict:
@@ -423,7 +430,7 @@ def _update(cfg: RLConfig, flat: list[Trajectory], scored: dict, parallel, criti
                         loss, terms, stats = _policy_objective(cfg, logp.float(), entropy.float(), old, adv, mask,
                                                                scored, ids, global_tokens, global_seqs, norm_len,
                                                                longest, device)
-                        parallel.backward(loss)
+                        parallel.backward(loss * info.world_size)  # DDP averages gradients: make it the sum
                     tokens = float(mask.sum())
                     for key, value in stats.items():
                         sums[key] += value * tokens
@@ -440,14 +447,16 @@ def _update(cfg: RLConfig, flat: list[Trajectory], scored: dict, parallel, criti
                         returns = _pad([scored["returns"][i] for i in ids], longest).to(device)
                         vl = algos.aggregate(value_loss(values, old_values, returns, mask, cfg.critic.value_clip),
                                              mask, "token-mean", global_tokens, global_seqs)
-                        critic_parallel.backward(vl)
+                        critic_parallel.backward(vl * info.world_size)
                     losses["value_loss"] += float(vl.detach())
             if train_policy:
                 grad_norms.append(parallel.step())
             if critic_parallel is not None:
                 critic_parallel.step()
-    record = {key: sums[key] / counts[key] for key in sums if counts[key] > 0}
-    record.update({key: value / (a.ppo_epochs * a.mini_batches) for key, value in losses.items()})
+    # over all ranks: statistics weighted by each rank's tokens, loss terms summed (each rank's is its share)
+    record = {key: all_sum(sums[key], info) / all_sum(counts[key], info) for key in sorted(sums)
+              if all_sum(counts[key], info) > 0}
+    record.update({key: all_sum(value, info) / (a.ppo_epochs * a.mini_batches) for key, value in sorted(losses.items())})
     if grad_norms:
         record["grad_norm"] = max(grad_norms)
     return record
@@ -494,18 +503,16 @@ def _policy_objective(cfg: RLConfig, logp, entropy, old, adv, mask, scored: dict
 
 @torch.no_grad()
 def _likelihood_probe(flat: list[Trajectory], scored: dict, parallel, pad_id: int, image_token_id: int,
-                      autocast) -> dict:
+                      autocast, info: DistInfo) -> dict:
     """Mean per-token log-prob of the non-negative-advantage trajectories before vs after the update.
 
     A fall step after step is Lazy Likelihood Displacement (arXiv 2512.04220), a published cause of
     GRPO collapse: the update pushes down the very trajectories it should reinforce.
     """
     chosen = [i for i, s in enumerate(scored["seq_advantage"]) if s >= 0 and scored["mask"][i].sum() > 0]
-    if not chosen:
-        return {}
     scorer = parallel.module.module if hasattr(parallel.module, "module") else parallel.module
     before = after = tokens = 0.0
-    for positions in _micro_batches([len(flat[i].token_ids) for i in chosen], 1 << 14, "probe"):
+    for positions in _micro_batches([len(flat[i].token_ids) for i in chosen], 1 << 14, "probe") if chosen else []:
         ids = [chosen[p] for p in positions]
         batch = _batch([flat[i] for i in ids], pad_id, image_token_id, scorer)
         with autocast:
@@ -515,6 +522,9 @@ def _likelihood_probe(flat: list[Trajectory], scored: dict, parallel, pad_id: in
             after += float((logp[row, :len(m)] * m).sum())
             before += float((scored["old"][i] * m).sum())
             tokens += float(m.sum())
+    before, after, tokens = (all_sum(x, info) for x in (before, after, tokens))
+    if not tokens:
+        return {}
     return {"lld/logp_before": before / tokens, "lld/logp_after": after / tokens,
             "lld/delta": (after - before) / tokens}
 
@@ -531,13 +541,6 @@ def _gather(trajectories: list[Trajectory], info: DistInfo) -> list[dict]:
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, records)
     return [r for part in gathered for r in part]
-
-
-def _gather_update(update: dict, info: DistInfo) -> dict:
-    """Means over ranks (the gradient norm is the same on every rank: DDP all-reduces the gradients)."""
-    if info.world_size == 1:
-        return update
-    return {k: all_sum(v, info) / info.world_size for k, v in update.items()}
 
 
 def _write_trajectories(out: Path, step: int, groups: list[list[Trajectory]], n: int) -> None:
