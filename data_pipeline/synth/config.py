@@ -48,6 +48,20 @@ class FilterConfig:
     answer_in_question: bool = True  # drop when an answer alias appears in the question
     max_tool_calls: int = 4
     identify_top_k: int = 1  # the pictured entity must be among the top-k image-search matches
+    # drop training rows whose messages (tool results included) name a validation or test entity
+    held_out_text: bool = True
+
+
+@dataclass
+class GoldConfig:
+    """How gold trajectories are worded; the tool calls and their order are the candidate's path either way."""
+
+    # full: each turn comments on the last result (quoting the evidence sentence) and states its intent.
+    # terse: a few-word thought and one canonical query per relation, so a small policy has little to
+    # copy besides what the action needs (a name from the last result, the question's relation words).
+    think: str = "full"
+    image_k: int = 0  # > 0: image_search calls ask for this many matches (0: the tool's default)
+    text_k: int = 0  # > 0: text_search calls ask for this many passages
 
 
 @dataclass
@@ -94,6 +108,7 @@ class SynthConfig:
     splits: SplitConfig = field(default_factory=SplitConfig)
     scenes: SceneConfig = field(default_factory=SceneConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    gold: GoldConfig = field(default_factory=GoldConfig)
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)

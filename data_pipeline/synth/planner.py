@@ -5,6 +5,11 @@ tool result (naming the best image match, quoting the sentence that holds the fa
 needs next, and calls the next tool of the candidate's path, or answers. The tools are the
 policy's own (in-process or through the server), so results are what the policy will see, and
 `check_evidence` keeps an example only if every hop's evidence really appeared in them.
+
+With `gold.think: terse` (what the tiny policy trains on) a turn is a few-word thought and its
+action, each query is the relation's one canonical form with the name the last result showed, and
+the calls ask for few results (`gold.image_k`, `gold.text_k`), so there is little besides the
+action's own words to learn and the tool results stay short.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import re
 from collections.abc import Callable
 
 from data_pipeline.synth import templates as T
+from data_pipeline.synth.config import GoldConfig
 from data_pipeline.synth.questions import Candidate, Step
 from mmsearch.protocol import format_tool_call, format_turn
 from mmsearch.trajectory import Trajectory
@@ -65,22 +71,51 @@ def check_evidence(candidate: Candidate, traj: Trajectory, top_k: int) -> str | 
     return None
 
 
-def gold_writer(candidates: dict[str, Candidate], top_k: int) -> Callable[[Trajectory], str]:
+def gold_writer(candidates: dict[str, Candidate], top_k: int, gold: GoldConfig | None = None
+                ) -> Callable[[Trajectory], str]:
     """The scripted policy: example id -> its candidate's next turn."""
+    gold = gold or GoldConfig()
+    if gold.think not in ("full", "terse"):
+        raise ValueError(f"gold.think must be full or terse, got {gold.think!r}")
 
     def write_turn(traj: Trajectory) -> str:
         candidate = candidates[traj.example_id]
         turn = len(traj.turns)
+        answer = f"<answer>{candidate.answers[0]}</answer>"
+        if gold.think == "terse":
+            if turn < len(candidate.steps):
+                step = candidate.steps[turn]
+                return format_turn(_terse_intent(candidate, step), format_tool_call(step.tool, _arguments(step, gold)))
+            return format_turn("answer", answer)
         if not candidate.category.requires_search:
-            return format_turn(candidate.explanation, f"<answer>{candidate.answers[0]}</answer>")
+            return format_turn(candidate.explanation, answer)
         said = _comment(candidate.steps[turn - 1], traj.tool_calls[-1].result, top_k) if turn else ""
         if turn < len(candidate.steps):
             step = candidate.steps[turn]
-            return format_turn(_join(said, _intent(candidate, step)), format_tool_call(step.tool, step.arguments))
-        return format_turn(_join(said, f"So the answer is {candidate.answers[0]}."),
-                           f"<answer>{candidate.answers[0]}</answer>")
+            return format_turn(_join(said, _intent(candidate, step)), format_tool_call(step.tool, _arguments(step, gold)))
+        return format_turn(_join(said, f"So the answer is {candidate.answers[0]}."), answer)
 
     return write_turn
+
+
+def _arguments(step: Step, gold: GoldConfig) -> dict:
+    """The step's tool arguments as the gold turn writes them: terse queries take one canonical form."""
+    arguments = dict(step.arguments)
+    if step.tool == "text_search":
+        if gold.think == "terse":
+            arguments["query"] = T.canonical_query(step.relation, step.subject[0], step.fact)
+        if gold.text_k:
+            arguments["k"] = gold.text_k
+    if step.tool == "image_search" and gold.image_k:
+        arguments["k"] = gold.image_k
+    return arguments
+
+
+def _terse_intent(candidate: Candidate, step: Step) -> str:
+    """The thought's first word is the decision (crop / search / answer): one token for a small policy to choose."""
+    if step.tool == "crop":
+        return f"crop {candidate.meta['position']}"
+    return "search image" if step.tool == "image_search" else "search text"
 
 
 def _intent(candidate: Candidate, step: Step) -> str:

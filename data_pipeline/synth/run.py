@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_pipeline.synth.config import MixConfig, SynthConfig
-from data_pipeline.synth.filters import answer_in_question, dedup_key, filter_reason
+from data_pipeline.synth.filters import HeldOutNames, answer_in_question, dedup_key, filter_reason, message_texts
 from data_pipeline.synth.graph import EntityGraph
 from data_pipeline.synth.planner import check_evidence, gold_writer
 from data_pipeline.synth.questions import VISUAL_KINDS, Candidate, Category, make_candidate
@@ -124,6 +124,8 @@ class Synthesizer:
         self.parts = partition_entities(self.graph, cfg.splits, cfg.seed)
         self.out, self.work = Path(cfg.out), Path(cfg.out) / "work"
         self.vision = _vision(cfg)
+        held_out = self.parts["validation"] | self.parts["test"]
+        self.held_out_names = HeldOutNames([n for e in sorted(held_out) for n in self.graph.entities[e].answers])
         self._toolbox = toolbox
         self.hashes = FileHashes()
 
@@ -189,6 +191,10 @@ class Synthesizer:
                 for candidate, messages, tool_images in kept:
                     if progress.total >= n or progress.accepted[candidate.category.name] >= targets[candidate.category]:
                         state.dropped["balance: category already full"] += 1
+                        continue
+                    if split == "train" and cfg.filters.held_out_text and messages and any(
+                            self.held_out_names.find(text) for text in message_texts(messages)):
+                        state.dropped["filter: held-out entity in a training row"] += 1
                         continue
                     if cfg.filters.dedup:
                         key = dedup_key(candidate.question, candidate.images, self.hashes)
@@ -284,7 +290,7 @@ class Synthesizer:
         from mmsearch.agent.loop import AgentLoop
         from mmsearch.engines.scripted import ScriptedEngine
 
-        writer = gold_writer({ex.id: c for ex, c in zip(examples, chunk)}, self.cfg.filters.identify_top_k)
+        writer = gold_writer({ex.id: c for ex, c in zip(examples, chunk)}, self.cfg.filters.identify_top_k, self.cfg.gold)
         loop = AgentLoop(ScriptedEngine(None, writer), self.toolbox, None, self.cfg.agent)
         kept = []
         for candidate, example, traj in zip(chunk, examples, loop.run(examples)):

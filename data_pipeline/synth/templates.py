@@ -133,6 +133,15 @@ def relation_query(rng: random.Random, relation: str, subject: str) -> str:
     return rng.choice(RELATION_QUERY.get(relation, (f"{{x}} {words(relation)}",))).format(x=subject)
 
 
+def canonical_query(relation: str, subject: str, fact: bool) -> str:
+    """The first (canonical) search query for following `relation` or looking up a fact of `subject`."""
+    if fact:
+        queries = FACT_TEMPLATES.get(relation, ((), (f"{{x}} {words(relation)}",)))[1]
+    else:
+        queries = RELATION_QUERY.get(relation, (f"{{x}} {words(relation)}",))
+    return queries[0].format(x=subject)
+
+
 def entity_question(rng: random.Random, kind: str, np: str) -> str:
     templates = PERSON_QUESTIONS if kind == "person" else ENTITY_QUESTIONS
     if np.startswith(f"the {kind_noun(kind)} "):  # not "Which nation is the nation that ...?"

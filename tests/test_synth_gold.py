@@ -1,0 +1,107 @@
+"""Gold-trajectory wording (terse) and the no-leakage rule for what trains the policy.
+
+What the tiny policy's training sees, and what these tests check:
+- its tokenizer: the KB's own text (passages, image captions, entity names, aliases and facts: the
+  whole KB, every split's entities) plus the protocol's text (system prompt, tags); nothing from a
+  dataset, so no question, answer or split decides a merge;
+- its SFT rows (train split): no message, tool results included, names a validation or test entity.
+Held-out entities are re-derived here from `entities.jsonl` and the split partition as plain JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.synth import templates as T
+from data_pipeline.synth.config import GoldConfig, SynthConfig
+from data_pipeline.synth.graph import EntityGraph
+from data_pipeline.synth.run import run_synth
+from data_pipeline.synth.splits import partition_entities
+from mmsearch.protocol import parse_action
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "work" / "examples.jsonl").read_text().splitlines()]
+
+
+def _texts(messages: list[dict]):
+    for m in messages:
+        content = m["content"]
+        yield from ([content] if isinstance(content, str) else [p["text"] for p in content if p.get("text")])
+
+
+def _held_out_names(world_dir: Path, cfg: SynthConfig) -> set[str]:
+    parts = partition_entities(EntityGraph.load(world_dir), cfg.splits, cfg.seed)
+    entities = {e["id"]: e for e in map(json.loads, (world_dir / "entities.jsonl").read_text().splitlines())}
+    return {n for e in parts["validation"] | parts["test"] for n in [entities[e]["name"], *entities[e]["aliases"]]}
+
+
+@pytest.fixture(scope="module")
+def terse(world_dir: Path, toolbox, policy_dir: Path, tmp_path_factory) -> tuple[Path, SynthConfig]:
+    out = tmp_path_factory.mktemp("synth") / "terse"
+    cfg = SynthConfig(kb=str(world_dir), out=str(out), n=60, seed=1, chunk=32, processor=str(policy_dir),
+                      gold=GoldConfig(think="terse", image_k=1, text_k=3))
+    run_synth(cfg, toolbox=toolbox, progress=False)
+    return out, cfg
+
+
+def test_terse_turns_are_short_and_queries_canonical(terse):
+    out, _ = terse
+    rows = _rows(out)
+    assert sum(r["requires_search"] for r in rows) >= 10
+    for row in rows:
+        assistants = [parse_action(m["content"]) for m in row["messages"] if m["role"] == "assistant"]
+        assert all(a.is_valid for a in assistants)
+        assert assistants[-1].kind == "answer" and assistants[-1].answer == row["answers"][0]
+        assert assistants[-1].thinking == "answer"
+        calls = [a for a in assistants if a.kind == "tool_call"]
+        texts = [a for a in calls if a.name == "text_search"]
+        assert len(texts) == len(row["meta"].get("path", []))
+        for call in calls:
+            assert call.thinking in ("search image", "search text", f"crop {row['meta'].get('position')}")
+            if call.name == "image_search":
+                assert call.arguments["k"] == 1
+        # each query is the canonical one for its hop: the relation's first query form with the subject's name
+        results = [m["content"][0]["text"] for m in row["messages"] if m["role"] == "tool"]
+        for hop, call in zip(row["meta"].get("path", []), texts):
+            assert call.arguments["k"] == 3
+            forms = T.FACT_TEMPLATES[hop["relation"]][1] if hop["entity"] is None else T.RELATION_QUERY[hop["relation"]]
+            pattern = re.escape(forms[0]).replace(re.escape("{x}"), "(.+)")
+            subject = re.fullmatch(pattern, call.arguments["query"])
+            assert subject, (call.arguments["query"], forms[0])
+            assert any(subject.group(1) in r for r in results)  # the name was in an earlier tool result
+
+
+@pytest.mark.parametrize("which", ["terse", "full"])
+def test_training_rows_name_no_held_out_entity(which, terse, gold_dataset: Path, world_dir: Path):
+    out, cfg = terse if which == "terse" else (gold_dataset, SynthConfig(seed=1))
+    names = _held_out_names(world_dir, cfg)
+    pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")(?!\w)",
+                         re.IGNORECASE)
+    train = [r for r in _rows(out) if r["split"] == "train"]
+    assert train
+    for row in train:
+        for text in _texts(row["messages"]):
+            assert not pattern.search(text), (row["id"], pattern.search(text).group(0))
+
+
+def test_tokenizer_sees_only_kb_and_protocol_text(world_dir: Path):
+    """Every text the tokenizer trains on is the protocol's or made of one KB file's own words."""
+    from mmsearch.model.tiny import _kb_texts
+    from mmsearch.protocol import tool_prompt_examples
+
+    protocol = set(tool_prompt_examples())
+    kb_words = set()
+    for name in ("passages.jsonl", "images.jsonl", "entities.jsonl"):
+        for record in map(json.loads, (world_dir / name).read_text().splitlines()):
+            values = [record.get("title", ""), record.get("text", ""), record.get("name", ""), *record.get("aliases", []),
+                      *(f"{k}: {v}" for k, v in record.get("facts", {}).items())]
+            kb_words |= {w for v in values for w in v.split()}
+    texts = list(_kb_texts(world_dir))
+    assert set(texts) & protocol
+    for text in texts:
+        assert text in protocol or set(text.split()) <= kb_words, text[:80]
