@@ -44,6 +44,7 @@ from mmsearch.logprobs import TokenScorer, collate
 from mmsearch.rewards import compute_rewards_batch
 from mmsearch.rl import algos
 from mmsearch.rl.config import RLConfig
+from mmsearch.rl.critic import ValueModel, value_loss
 from mmsearch.rl.guard import Collapsed, CollapseGuard
 from mmsearch.rl.metrics import CURVES, rollout_metrics
 from mmsearch.rl.rollout import PromptStream, Rollouts
@@ -114,8 +115,6 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
                           temperature, share).requires_grad_(False)
     critic = critic_parallel = None
     if a.advantage == "gae":
-        from mmsearch.rl.critic import ValueModel
-
         critic = ValueModel(cfg.model, info.device)
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic.lr, foreach=True)
         critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, lambda _: 1.0)
@@ -439,8 +438,6 @@ def _update(cfg: RLConfig, flat: list[Trajectory], scored: dict, parallel, criti
                         losses[key] += value
                 if critic_parallel is not None:
                     with critic_parallel.accumulating(last=last):
-                        from mmsearch.rl.critic import value_loss
-
                         with autocast:
                             values = critic_parallel.module(batch).float()
                         old_values = _pad([scored["values"][i] for i in ids], longest).to(device)
