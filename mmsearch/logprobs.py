@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mmsearch.engines.hf import mm_token_type_ids
+from mmsearch.rl.algos import entropy_from_logits
 from mmsearch.trajectory import Trajectory
 
 
@@ -39,6 +40,7 @@ def collate(trajectories: list[Trajectory], pad_id: int, image_token_id: int, vi
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+TRAIN_INPUTS = (*MODEL_INPUTS, "loss_mask")  # what training moves to the device (collate's rollout log-probs stay)
 
 
 def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
@@ -152,6 +154,5 @@ class TokenScorer(nn.Module):
             logp = logp + hidden.sum() * 0.0  # keeps the graph: DDP needs every rank to backward
         if not with_entropy:
             return logp, None
-        per_token = -(logp_all.exp() * logp_all).sum(-1)
-        entropy = torch.zeros_like(logp).index_put((rows, cols + prefix + 1), per_token)
+        entropy = torch.zeros_like(logp).index_put((rows, cols + prefix + 1), entropy_from_logits(logits))
         return logp, entropy

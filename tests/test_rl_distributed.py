@@ -16,7 +16,7 @@ STEP = Path(__file__).with_name("rl_ddp_step.py")
 
 def _run(argv: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from mmsearch.eval.report import SEARCH_TOOLS
 from mmsearch.rewards.registry import register_group_reward, register_reward
 
 if TYPE_CHECKING:
     from mmsearch.example import Example
     from mmsearch.rewards.combine import RewardConfig
     from mmsearch.trajectory import Trajectory
-
-SEARCH_TOOLS = ("text_search", "image_search")
 
 
 def count_searches(trajectory: Trajectory) -> int:

@@ -60,7 +60,6 @@ class Rollouts:
         self.engine = HFEngine(model, processor, max_batch=cfg.rollout.max_batch)
         self.toolbox = build_toolbox(rollout.tools, build_backend(rollout))
         self.loop = AgentLoop(self.engine, self.toolbox, TrajectoryBuilder(processor), cfg.rollout.agent)
-        self.weight_sync_s = 0.0
 
     def run(self, examples: list[Example], step: int, round_: int) -> tuple[list[Trajectory], Timings]:
         """G trajectories per example, in (example, sample) order, and where the time went."""
@@ -82,8 +81,7 @@ class Rollouts:
         if self.engine.model is not self.model:
             raise RuntimeError("the hf engine must generate with the module being trained")
         # hf: the engine holds the trained module itself, so the update is already there.
-        self.weight_sync_s = time.perf_counter() - t0
-        return self.weight_sync_s
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         self.toolbox.close()

@@ -34,13 +34,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mmsearch.config import to_yaml
-from mmsearch.logprobs import TokenScorer, collate
+from mmsearch.logprobs import TRAIN_INPUTS, TokenScorer, collate
 from mmsearch.rewards import compute_rewards_batch
 from mmsearch.rl import algos
 from mmsearch.rl.config import RLConfig
@@ -56,6 +55,7 @@ from mmsearch.training.checkpoint import (
     load_trainer_state,
     save_checkpoint,
     saved_state,
+    seed_everything,
 )
 from mmsearch.training.config import FreezeConfig, LoraConfig
 from mmsearch.training.evaluate import Evaluator, evaluate
@@ -64,8 +64,6 @@ from mmsearch.training.model import hf_model, load_policy, trainable_parameters
 from mmsearch.training.parallel import DistInfo, TorchParallel, all_max, all_sum, barrier, init_distributed
 from mmsearch.training.schedule import lr_lambda
 from mmsearch.trajectory import Trajectory
-
-SCORE_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw", "loss_mask")
 
 
 def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -83,7 +81,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
         check_resumable(saved_state(resume_from)["config"], config_dict, resume_from)
     if resume_from is None and info.is_main and (out / "final").exists():
         raise ValueError(f"{out} already holds a finished run; pass --resume to continue it or choose another out dir")
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
 
     # data and the reward functions' needs, checked before anything heavy is loaded
     from transformers import AutoProcessor
@@ -122,7 +120,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
 
     stream = PromptStream(examples, cfg.seed)
     guard = CollapseGuard(cfg.guard, model.config.get_text_config().vocab_size)
-    state = {"step": 0, "updates": 0, "train_s": 0.0}
+    state = {"step": 0, "train_s": 0.0}
     if resume_from is not None:
         saved = _restore(resume_from, model, parallel, critic, critic_parallel, info)
         state = {k: saved[k] for k in state}
@@ -183,7 +181,6 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
             update = _update(cfg, flat, batch, parallel, critic_parallel, pad_id, image_token_id, step, info,
                              autocast, train_policy)
             times["update"] += time.perf_counter() - t0
-            state["updates"] += updates_per_step if train_policy else 0
             t0 = time.perf_counter()
             update.update(_likelihood_probe(flat, batch, parallel, pad_id, image_token_id, autocast, info))
             update.update(batch["mismatch"])
@@ -348,7 +345,7 @@ def _mismatch(trainer: list[torch.Tensor], rollout: list[torch.Tensor], masks: l
 def _batch(trajectories: list[Trajectory], pad_id: int, image_token_id: int, scorer) -> dict:
     device = next(scorer.parameters()).device
     batch = collate(trajectories, pad_id, image_token_id)
-    return {k: v.to(device) if k in SCORE_INPUTS else v for k, v in batch.items()}
+    return {k: v.to(device) if k in TRAIN_INPUTS else v for k, v in batch.items()}
 
 
 # -- 4. advantages -------------------------------------------------------------------------------------------
@@ -584,9 +581,3 @@ def _restore(folder: Path, model, parallel, critic, critic_parallel, info: DistI
         critic.load(folder / "trainer_state" / "critic.pt", critic_parallel.optimizer)
     barrier(info)
     return saved
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

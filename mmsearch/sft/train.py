@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mmsearch.config import to_yaml
-from mmsearch.logprobs import MODEL_INPUTS, collate
+from mmsearch.logprobs import TRAIN_INPUTS, collate
 from mmsearch.sft.config import SFTConfig
 from mmsearch.sft.loss import CausalLMLoss, window_scale
 from mmsearch.sft.samples import SampleLimits, load_samples
@@ -35,6 +33,7 @@ from mmsearch.training.checkpoint import (
     load_trainer_state,
     save_checkpoint,
     saved_state,
+    seed_everything,
 )
 from mmsearch.training.evaluate import Evaluator, evaluate
 from mmsearch.training.metrics import MetricsLog, plot_curves
@@ -42,7 +41,6 @@ from mmsearch.training.model import load_policy, trainable_parameters
 from mmsearch.training.parallel import DeepSpeedParallel, TorchParallel, all_sum, init_distributed
 from mmsearch.training.schedule import lr_lambda
 
-TRAIN_INPUTS = (*MODEL_INPUTS, "loss_mask")  # collate's other fields (rollout log-probs) are RL's
 CURVES = [("train", "loss", "train loss (per trained token)"), ("train", "lr", "learning rate"),
           ("eval", "em", "validation EM (agent loop)"), ("eval", "invalid_share", "validation: share with an invalid turn")]
 
@@ -59,7 +57,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
         check_resumable(saved_state(resume_from)["config"], config_dict, resume_from)
     if resume_from is None and info.is_main and (out / "final").exists():
         raise ValueError(f"{out} already holds a finished run; pass --resume to continue it or choose another out dir")
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
 
     # 1. samples (every rank builds the same list; it is cheap next to training)
     from transformers import AutoProcessor
@@ -206,11 +204,6 @@ def new_window() -> dict:
     """Sums over the steps since the last train record."""
     return {"loss_sum": 0.0, "tokens": 0, "seen": 0, "train_s": 0.0, "grad_norm": 0.0}
 
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _write_run_info(out: Path, cfg: SFTConfig, report, plans, samples, trained_tokens, params, model) -> None:

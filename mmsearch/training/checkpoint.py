@@ -116,6 +116,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch's global generators (a run's start; a resume restores their states instead)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
