@@ -67,6 +67,20 @@ class AgentLoop:
 
     def run(self, examples: list[Example], n_samples: int = 1) -> list[Trajectory]:
         """Roll out every example `n_samples` times; trajectories in (example, sample) order."""
+        self._reset_engine()
+        try:
+            return self._run(examples, n_samples)
+        finally:
+            self._reset_engine()
+
+    def _reset_engine(self) -> None:
+        """Engines that keep state between turns (the hf engine's KV cache) start and end every run empty:
+        nothing cached under earlier weights is reused, and the memory is free for training."""
+        reset = getattr(self.engine, "reset", None)
+        if reset is not None:
+            reset()
+
+    def _run(self, examples: list[Example], n_samples: int) -> list[Trajectory]:
         start = time.perf_counter()
         trajectories = [self._start(ex, s) for ex in examples for s in range(n_samples)]
         for traj in trajectories:

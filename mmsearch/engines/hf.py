@@ -1,14 +1,26 @@
 """`hf` engine: batched `transformers` generation for any Qwen2-VL / Qwen2.5-VL / Qwen3-VL dir.
 
-Requests are left-padded into one batch. Multimodal rotary positions are computed by the model
-over each whole sequence (every image included) because we pass `mm_token_type_ids`; without it
-transformers silently falls back to 1-D positions for image tokens.
+Requests are left-padded into one batch. Multimodal rotary positions are computed over each whole
+sequence (every image included) from `mm_token_type_ids`; without them transformers silently
+falls back to 1-D positions for image tokens.
+
+Two paths, the same tokens and log-probs:
+- turn cache (default): the engine keeps its rows' KV cache between calls (`turn_cache`), so a
+  request that continues a trajectory it generated for encodes only the new tokens, and the G
+  samples of a prompt share one prefill of that prompt. Its own prefill + decode loop samples as
+  generate() does: the same warpers, the same random draws, the same recorded log-probs.
+- `cache_turns=False`: transformers' generate() over each whole context, every call (the reference).
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from transformers import (
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -18,6 +30,7 @@ from transformers import (
 )
 
 from mmsearch.engines.base import GenerationOutput, GenerationRequest, SamplingParams
+from mmsearch.engines.turn_cache import CachedBatch, CachedRow, TurnCache, gather_rows
 
 
 def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None = None) -> torch.Tensor:
@@ -31,8 +44,44 @@ def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int, video_token_
 MIN_SHARED_PREFIX = 32  # shorter shared prefixes are not worth a separate forward pass
 
 
+class TokenScores:
+    """What one step's logits become: the log-probs we record, and the scores we sample from.
+
+    Recorded: the log-softmax at the sampling temperature, before suppression and top-k/top-p
+    (what the trainer recomputes). Sampled: suppressed tokens at -inf, then transformers' own
+    temperature, top-k and top-p warpers. Greedy records temperature-1 log-probs.
+    """
+
+    def __init__(self, params: SamplingParams):
+        self.sample = params.temperature > 0
+        self.temperature = params.temperature if self.sample else 1.0
+        self.warpers = LogitsProcessorList()
+        if self.sample:
+            self.warpers.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                self.warpers.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(params.top_p))
+        self.suppress = list(params.suppress_token_ids)
+
+    def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(logits.float() / self.temperature, dim=-1)
+
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.suppress:
+            logits = logits.clone()
+            logits[:, self.suppress] = -float("inf")
+        return self.warpers(None, logits)
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, their log-probs) for a (batch, vocab) float32 step, drawn exactly as generate() draws them."""
+        scores = self.warp(logits)
+        tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1) if self.sample else scores.argmax(-1)
+        return tokens, self.logprobs(logits).gather(1, tokens[:, None]).squeeze(1)
+
+
 class _RecordLogprobs(LogitsProcessor):
-    """Keeps log p(sampled token) per step, then applies the sampling warpers itself.
+    """Inside generate(): keeps log p(sampled token) per step, then applies the sampling warpers itself.
 
     It sees the raw logits (it is the only processor generate() runs), records the
     temperature-scaled log-softmax, and when the next step arrives reads off the token that was
@@ -40,26 +89,15 @@ class _RecordLogprobs(LogitsProcessor):
     """
 
     def __init__(self, params: SamplingParams):
-        self.temperature = params.temperature if params.temperature > 0 else 1.0
-        self.warpers = LogitsProcessorList()
-        if params.temperature > 0:
-            self.warpers.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_k > 0:
-                self.warpers.append(TopKLogitsWarper(params.top_k))
-            if params.top_p < 1.0:
-                self.warpers.append(TopPLogitsWarper(params.top_p))
-        self.suppress = list(params.suppress_token_ids)
+        self.scores = TokenScores(params)
         self.previous: torch.Tensor | None = None
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.previous is not None:
             self._take(input_ids[:, -1])
-        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        if self.suppress:
-            scores = scores.clone()
-            scores[:, self.suppress] = -float("inf")
-        return self.warpers(input_ids, scores)
+        self.previous = self.scores.logprobs(scores)
+        return self.scores.warp(scores)
 
     def _take(self, tokens: torch.Tensor) -> None:
         self.steps.append(self.previous.gather(1, tokens[:, None]).squeeze(1))
@@ -70,14 +108,39 @@ class _RecordLogprobs(LogitsProcessor):
         return torch.stack(self.steps, dim=1).cpu()
 
 
+@dataclass
+class _Prefilled:
+    """A batch ready to decode: its KV cache, which columns each row owns, the logits of its next token,
+    and the rotary position that token takes when fed."""
+
+    cache: DynamicCache | None
+    mask: torch.Tensor  # (rows, columns) 0/1, the cache's columns and any being fed
+    next_position: torch.Tensor  # (rows,)
+    logits: torch.Tensor | None = None  # (rows, vocab) float32
+
+    def select(self, index: torch.Tensor) -> None:
+        self.cache.batch_select_indices(index)
+        self.mask, self.next_position, self.logits = self.mask[index], self.next_position[index], self.logits[index]
+
+
 class HFEngine:
+    """Generation with a transformers model; with `cache_turns`, KV caches kept across turns.
+
+    The cache holds activations of the current weights: the agent loop resets it at the start
+    and end of every run, and anyone who changes the weights mid-trajectory calls `reset()`.
+    """
+
     token_level = True
 
-    def __init__(self, model, processor, max_batch: int = 64):
+    def __init__(self, model, processor, max_batch: int = 64, cache_turns: bool = True):
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_batch = max_batch
+        self.cache_turns = cache_turns
+        self.turns = TurnCache()
+        # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns until it goes)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         config = model.config
         self.image_token_id = config.image_token_id
@@ -85,7 +148,8 @@ class HFEngine:
         self.vision_start_id = getattr(config, "vision_start_token_id", None)
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str = "auto", dtype: str = "auto", max_batch: int = 64) -> HFEngine:
+    def from_pretrained(cls, path: str, device: str = "auto", dtype: str = "auto", max_batch: int = 64,
+                        cache_turns: bool = True) -> HFEngine:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from tools.device import resolve_device
@@ -94,18 +158,31 @@ class HFEngine:
         torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
                        "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).to(device)
-        return cls(model, AutoProcessor.from_pretrained(path), max_batch=max_batch)
+        return cls(model, AutoProcessor.from_pretrained(path), max_batch=max_batch, cache_turns=cache_turns)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
+    def reset(self) -> None:
+        """Forget every cached row (their memory goes with them)."""
+        self.turns.reset()
+
     def generate(self, requests: list[GenerationRequest], params: SamplingParams,
                  stop_token_ids: list[int]) -> list[GenerationOutput]:
+        chunks = [requests[start:start + self.max_batch] for start in range(0, len(requests), self.max_batch)]
+        if not self.cache_turns:
+            return [out for chunk in chunks for out in self._generate_batch(chunk, params, stop_token_ids)]
         outputs: list[GenerationOutput] = []
-        for start in range(0, len(requests), self.max_batch):
-            outputs += self._generate_batch(requests[start:start + self.max_batch], params, stop_token_ids)
+        rows: list[CachedRow] = []
+        for chunk in chunks:
+            chunk_outputs, chunk_rows = self._generate_cached(chunk, params, stop_token_ids)
+            outputs += chunk_outputs
+            rows += chunk_rows
+        self.turns.keep(rows)
         return outputs
+
+    # -- the reference path: generate() over whole contexts --------------------------------------
 
     @torch.inference_mode()
     def _generate_batch(self, requests: list[GenerationRequest], params: SamplingParams,
@@ -115,7 +192,7 @@ class HFEngine:
         extra = {"past_key_values": self._prefix_cache(inputs["input_ids"][:1, :prefix], len(requests))} if prefix else {}
         if hasattr(self.model.model, "rope_deltas"):
             self.model.model.rope_deltas = None  # Qwen-VL caches multimodal position offsets between calls
-        limits = [min(r.max_new_tokens or params.max_new_tokens, params.max_new_tokens) for r in requests]
+        limits = self._limits(requests, params)
         recorder = _RecordLogprobs(params)
         if params.seed is not None:
             torch.manual_seed(params.seed)
@@ -131,7 +208,16 @@ class HFEngine:
         out = self.model.generate(**inputs, **extra, generation_config=config,
                                   logits_processor=LogitsProcessorList([recorder]))
         generated = out.sequences[:, inputs["input_ids"].shape[1]:]
-        logprobs = recorder.finish(generated[:, -1])
+        return self._cut(generated, recorder.finish(generated[:, -1]), limits, stop_token_ids)
+
+    @staticmethod
+    def _limits(requests: list[GenerationRequest], params: SamplingParams) -> list[int]:
+        return [min(r.max_new_tokens or params.max_new_tokens, params.max_new_tokens) for r in requests]
+
+    @staticmethod
+    def _cut(generated: torch.Tensor, logprobs: torch.Tensor, limits: list[int],
+             stop_token_ids: list[int]) -> list[GenerationOutput]:
+        """Each row up to its first stop token, or to its own token limit."""
         stops = set(stop_token_ids)
         results = []
         for row, limit in enumerate(limits):
@@ -190,3 +276,122 @@ class HFEngine:
             inputs["pixel_values"] = torch.cat(pixels).to(self.model.dtype)
             inputs["image_grid_thw"] = torch.cat([r.image_grid_thw for r in requests if r.image_grid_thw is not None])
         return {k: v.to(self.device) for k, v in inputs.items()}
+
+    # -- the turn-cache path: our own prefill and decode over cached rows ------------------------
+
+    @torch.inference_mode()
+    def _generate_cached(self, requests: list[GenerationRequest], params: SamplingParams,
+                         stop_token_ids: list[int]) -> tuple[list[GenerationOutput], list[CachedRow]]:
+        rows = [self.turns.find(r) for r in requests]
+        state = self._prefill_rows(requests, rows) if all(rows) else self._prefill_prompts(requests)
+        limits = self._limits(requests, params)
+        tokens, logprobs = self._decode(state, params, stop_token_ids, limits)
+        outputs = self._cut(tokens, logprobs.cpu(), limits, stop_token_ids)
+        return outputs, self._rows_after(requests, outputs, state, fed=tokens.shape[1] - 1)
+
+    def _prefill_prompts(self, requests: list[GenerationRequest]) -> _Prefilled:
+        """Encode each distinct prompt once (the G samples of an example share one), then give every
+        request its prompt's cache row. Distinct prompts still share their common text prefix."""
+        group, prompts = _prompt_groups(requests)
+        prefix = self.shared_prefix_len(prompts)
+        inputs = self.batch_inputs(prompts, prefix)
+        positions = self._positions(inputs)
+        cache = self._prefix_cache(inputs["input_ids"][:1, :prefix], len(prompts)) if prefix else None
+        state = _Prefilled(cache, inputs["attention_mask"], positions.amax(dim=(0, 2)) + 1)
+        state.logits = self._forward(state, inputs["input_ids"][:, prefix:], positions[:, :, prefix:], inputs)
+        if len(prompts) < len(requests):
+            state.select(torch.tensor(group, device=self.device))
+        return state
+
+    def _prefill_rows(self, requests: list[GenerationRequest], rows: list[CachedRow]) -> _Prefilled:
+        """Encode only what each cached row lacks; its positions continue from the row's own."""
+        cache, mask = gather_rows([(row.batch, row.index) for row in rows])
+        inputs = self.batch_inputs([row.delta(r) for r, row in zip(requests, rows)])
+        start = torch.tensor([row.next_position for row in rows], device=self.device)
+        positions = self._positions(inputs) + start[None, :, None]
+        state = _Prefilled(cache, torch.cat([mask, inputs["attention_mask"]], dim=1), positions.amax(dim=(0, 2)) + 1)
+        state.logits = self._forward(state, inputs["input_ids"], positions, inputs)
+        return state
+
+    def _positions(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(3, rows, columns) multimodal rotary positions of each row's unmasked tokens, counted from 0."""
+        positions, _ = self.model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs["attention_mask"])
+        return positions
+
+    def _forward(self, state: _Prefilled, input_ids: torch.Tensor, positions: torch.Tensor,
+                 images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Feed `input_ids` after the cached columns; the last column's next-token logits (float32)."""
+        pixels = {k: images[k] for k in ("pixel_values", "image_grid_thw") if images and k in images}
+        out = self.model(input_ids=input_ids, attention_mask=state.mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: state.cache}, **pixels)
+        state.cache = out.past_key_values
+        return out.logits[:, -1].float()
+
+    def _decode(self, state: _Prefilled, params: SamplingParams, stop_token_ids: list[int],
+                limits: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, steps) tokens and log-probs, sampled until every row stopped or reached its limit.
+
+        Every row is sampled at every step, finished or not, so the random draws are generate()'s.
+        """
+        scores = TokenScores(params)
+        stops = torch.tensor(stop_token_ids, device=self.device)
+        limit = torch.tensor(limits, device=self.device)
+        stopped = torch.zeros(len(limits), dtype=torch.bool, device=self.device)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        tokens, logprobs = [], []
+        logits = state.logits
+        for step in range(max(limits)):
+            token, logprob = scores.choose(logits)
+            tokens.append(token)
+            logprobs.append(logprob)
+            stopped |= torch.isin(token, stops)
+            if step + 1 == max(limits) or bool((stopped | (limit <= step + 1)).all()):
+                break
+            state.mask = F.pad(state.mask, (0, 1), value=1)
+            position = (state.next_position + step)[None, :, None].expand(3, -1, 1)
+            logits = self._forward(state, token[:, None], position)
+        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+    def _rows_after(self, requests: list[GenerationRequest], outputs: list[GenerationOutput], state: _Prefilled,
+                    fed: int) -> list[CachedRow]:
+        """The rows to keep: each holds its request and its output but the output's last token.
+
+        Columns fed after a row's output ended (it stopped or hit its limit while others went on)
+        are masked off.
+        """
+        lengths = torch.tensor([len(out.token_ids) for out in outputs], device=self.device)
+        if fed:
+            state.mask[:, -fed:] = torch.arange(fed, device=self.device)[None, :] < (lengths - 1)[:, None]
+        batch = CachedBatch(state.cache, state.mask)
+        return [CachedRow(r.trajectory, r.token_ids + out.token_ids[:-1], _n_images(r),
+                          int(state.next_position[i]) + len(out.token_ids) - 1, batch, i)
+                for i, (r, out) in enumerate(zip(requests, outputs)) if r.trajectory is not None]
+
+
+def _n_images(request: GenerationRequest) -> int:
+    return 0 if request.image_grid_thw is None else len(request.image_grid_thw)
+
+
+def _prompt_groups(requests: list[GenerationRequest]) -> tuple[list[int], list[GenerationRequest]]:
+    """Each request's group, and one request per group: a group shares its tokens and its pixels."""
+    group: list[int] = []
+    prompts: list[GenerationRequest] = []
+    by_ids: dict[tuple[int, ...], list[int]] = {}
+    for r in requests:
+        candidates = by_ids.setdefault(tuple(r.token_ids), [])
+        g = next((g for g in candidates if _same_images(prompts[g], r)), None)
+        if g is None:
+            g = len(prompts)
+            prompts.append(r)
+            candidates.append(g)
+        group.append(g)
+    return group, prompts
+
+
+def _same_images(a: GenerationRequest, b: GenerationRequest) -> bool:
+    if a.pixel_values is None or b.pixel_values is None:
+        return a.pixel_values is b.pixel_values
+    return torch.equal(a.image_grid_thw, b.image_grid_thw) and torch.equal(a.pixel_values, b.pixel_values)

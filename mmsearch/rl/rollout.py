@@ -80,7 +80,9 @@ class Rollouts:
         t0 = time.perf_counter()
         if self.engine.model is not self.model:
             raise RuntimeError("the hf engine must generate with the module being trained")
-        # hf: the engine holds the trained module itself, so the update is already there.
+        # hf: the engine holds the trained module itself, so the update is already there; only its
+        # KV cache (empty between runs anyway) must not outlive the old weights.
+        self.engine.reset()
         return time.perf_counter() - t0
 
     def close(self) -> None:
