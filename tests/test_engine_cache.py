@@ -217,3 +217,53 @@ def test_reset_forgets_rows_so_new_weights_are_used(hf_engine, scene):
     (expected,) = reference.generate(request(), params, stops)
     assert after.token_ids == expected.token_ids
     assert torch.allclose(torch.tensor(after.logprobs), torch.tensor(expected.logprobs), atol=1e-4)
+
+
+def _family_model(family: str, tokenizer):
+    """A random few-layer Qwen2-VL or Qwen3-VL with the tiny policy's tokenizer and image processing."""
+    import transformers
+
+    ids = tokenizer.convert_tokens_to_ids
+    text = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}}
+    vision = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_heads": 2}
+    if family == "qwen2_vl":
+        vision |= {"depth": 1, "embed_dim": 32, "hidden_size": 64}
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    else:
+        text |= {"head_dim": 16}
+        text["rope_parameters"] |= {"mrope_interleaved": True}
+        vision |= {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64,
+                   "num_position_embeddings": 256, "deepstack_visual_indexes": [0]}
+        config_cls, model_cls = transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                        vision_end_token_id=ids("<|vision_end|>"))
+    torch.manual_seed(0)
+    return model_cls(config).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_other_qwen_families(world_dir, hf_engine, scene, family):
+    """The cache's positions and image handling hold for Qwen2-VL and Qwen3-VL (interleaved
+    multimodal rotary positions, deepstack visual features) as well."""
+    model = _family_model(family, hf_engine.tokenizer)
+    builder = TrajectoryBuilder(hf_engine.processor)
+    thumb = Image.open(next((world_dir / "images").rglob("*.png"))).convert("RGB").resize((90, 70))
+    engines = (HFEngine(model, hf_engine.processor), HFEngine(model, hf_engine.processor, cache_turns=False))
+    states = [[builder.start("e", i, "You are a test.", "Which nation?" * (i + 1), [scene]) for i in range(2)]
+              for _ in engines]
+    for turn in range(3):
+        results = []
+        for engine, trajectories in zip(engines, states):
+            requests = [GenerationRequest(t.token_ids, t.images, t.pixel_tensor(), t.grid_tensor(), trajectory=t)
+                        for t in trajectories]
+            outputs = engine.generate(requests, SamplingParams(temperature=1.0, max_new_tokens=6, seed=turn),
+                                      [builder.end_of_turn_id])
+            _grow(builder, trajectories, outputs, thumb, 1)
+            results.append(outputs)
+        cached, reference = results
+        assert [o.token_ids for o in cached] == [o.token_ids for o in reference]
+        for a, b in zip(cached, reference):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)

@@ -282,12 +282,16 @@ class HFEngine:
     @torch.inference_mode()
     def _generate_cached(self, requests: list[GenerationRequest], params: SamplingParams,
                          stop_token_ids: list[int]) -> tuple[list[GenerationOutput], list[CachedRow]]:
-        rows = [self.turns.find(r) for r in requests]
-        state = self._prefill_rows(requests, rows) if all(rows) else self._prefill_prompts(requests)
+        state = self._prefill(requests)
         limits = self._limits(requests, params)
         tokens, logprobs = self._decode(state, params, stop_token_ids, limits)
         outputs = self._cut(tokens, logprobs.cpu(), limits, stop_token_ids)
         return outputs, self._rows_after(requests, outputs, state, fed=tokens.shape[1] - 1)
+
+    def _prefill(self, requests: list[GenerationRequest]) -> _Prefilled:
+        """Continue the cached rows when every request continues one; otherwise encode the prompts afresh."""
+        rows = [self.turns.take(r) for r in requests]
+        return self._prefill_rows(requests, rows) if all(rows) else self._prefill_prompts(requests)
 
     def _prefill_prompts(self, requests: list[GenerationRequest]) -> _Prefilled:
         """Encode each distinct prompt once (the G samples of an example share one), then give every
@@ -335,7 +339,7 @@ class HFEngine:
 
         Every row is sampled at every step, finished or not, so the random draws are generate()'s.
         """
-        scores = TokenScores(params)
+        scores, steps = TokenScores(params), max(limits)
         stops = torch.tensor(stop_token_ids, device=self.device)
         limit = torch.tensor(limits, device=self.device)
         stopped = torch.zeros(len(limits), dtype=torch.bool, device=self.device)
@@ -343,12 +347,12 @@ class HFEngine:
             torch.manual_seed(params.seed)
         tokens, logprobs = [], []
         logits = state.logits
-        for step in range(max(limits)):
+        for step in range(steps):
             token, logprob = scores.choose(logits)
             tokens.append(token)
             logprobs.append(logprob)
             stopped |= torch.isin(token, stops)
-            if step + 1 == max(limits) or bool((stopped | (limit <= step + 1)).all()):
+            if step + 1 == steps or bool((stopped | (limit <= step + 1)).all()):
                 break
             state.mask = F.pad(state.mask, (0, 1), value=1)
             position = (state.next_position + step)[None, :, None].expand(3, -1, 1)

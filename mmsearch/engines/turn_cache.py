@@ -55,12 +55,13 @@ class TurnCache:
     def __init__(self):
         self.rows: dict[int, CachedRow] = {}
 
-    def find(self, request: GenerationRequest) -> CachedRow | None:
-        row = self.rows.get(id(request.trajectory))
+    def take(self, request: GenerationRequest) -> CachedRow | None:
+        """The row `request` continues, removed from the cache (so its batch is freed once no row needs it)."""
+        row = self.rows.pop(id(request.trajectory), None)
         return row if row is not None and row.continues(request) else None
 
     def keep(self, rows: list[CachedRow]) -> None:
-        """Keep exactly these rows: trajectories that left the batch free their rows' memory."""
+        """Keep exactly these rows: rows of trajectories that left the batch are dropped."""
         self.rows = {id(row.trajectory): row for row in rows}
 
     def reset(self) -> None:
