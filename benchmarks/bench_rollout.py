@@ -1,10 +1,14 @@
 """Rollout throughput: the batched agent loop against one trajectory at a time, side by side.
 
-    python benchmarks/bench_rollout.py --kb WORLD --index INDEX --policy POLICY [--trajectories 16] [--json out.json]
+    python benchmarks/bench_rollout.py --kb WORLD --index INDEX --policy POLICY [--trajectories 16]
+        [--group-size G] [--no-cache] [--json out.json]
 
 Both modes run the same AgentLoop, engine, tools and limits on the same examples with the same
 seed; the only difference is whether the 16 trajectories advance together (one engine call and
-one tool batch per turn) or one after another. Two policies:
+one tool batch per turn) or one after another. With `--group-size G` they are 16/G examples
+sampled G times each, as in RL (one at a time, each sample is rolled out alone). The `hf` engine
+keeps each trajectory's KV cache across turns and prefills a group's shared prompt once;
+`--no-cache` runs transformers' generate() over every whole context instead. Two policies:
 - `tiny`: the tiny Qwen2.5-VL policy sampling (untrained: it writes until the per-turn limit);
 - `scripted+tools`: a scripted policy that crops, image-searches and text-searches, so the tool
   side of a turn is measured too.
@@ -48,13 +52,13 @@ def scripted_turn(traj) -> str:
     return format_turn("Done.", "<answer>unknown</answer>")
 
 
-def measure(loop: AgentLoop, items: list[Example], batched: bool) -> dict:
+def measure(loop: AgentLoop, items: list[Example], batched: bool, group_size: int = 1) -> dict:
     loop.timings = type(loop.timings)()
     start = time.perf_counter()
     if batched:
-        trajectories = loop.run(items)
+        trajectories = loop.run(items, n_samples=group_size)
     else:
-        trajectories = [t for ex in items for t in loop.run([ex])]
+        trajectories = [t for ex in items for _ in range(group_size) for t in loop.run([ex])]
     wall = time.perf_counter() - start
     t = loop.timings
     generated = sum(tr.n_generated for tr in trajectories)
@@ -71,12 +75,17 @@ def main() -> None:
     parser.add_argument("--index", required=True)
     parser.add_argument("--policy", required=True)
     parser.add_argument("--trajectories", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=1, help="samples per example (trajectories / G examples)")
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[32, 128], help="max new tokens per turn (one row each)")
+    parser.add_argument("--no-cache", action="store_true", help="hf engine: re-encode every whole context each turn")
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    engine = HFEngine.from_pretrained(args.policy, device="cpu")
-    items = examples(Path(args.kb), args.trajectories)
+    engine = HFEngine.from_pretrained(args.policy, device="cpu", cache_turns=not args.no_cache)
+    if args.trajectories % args.group_size:
+        parser.error("--trajectories must be a multiple of --group-size")
+    items = examples(Path(args.kb), args.trajectories // args.group_size)
+    n = args.trajectories
     header = ("| policy | new tokens/turn | mode | wall s | trajectories/s | generated tok/s | tool calls | generate | "
               "tools | bookkeeping |\n|---|---|---|---|---|---|---|---|---|---|")
     rows, results = [], {}
@@ -92,16 +101,17 @@ def main() -> None:
                                                       tiny.builder, agent)))
         measure(tiny, items[:2], batched=True)  # warm-up: first-call allocations, index pages, thread pools
         for name, loop in loops:
-            one = measure(loop, items, batched=False)
-            many = measure(loop, items, batched=True)
+            one = measure(loop, items, batched=False, group_size=args.group_size)
+            many = measure(loop, items, batched=True, group_size=args.group_size)
             speedup = many["trajectories_per_s"] / one["trajectories_per_s"]
             results[f"{name}@{new_tokens}"] = {"sequential": one, "batched": many, "speedup": speedup}
-            for mode, r in (("one at a time", one), (f"batched ({len(items)})", many)):
+            for mode, r in (("one at a time", one), (f"batched ({n})", many)):
                 rows.append(f"| {name} | {new_tokens} | {mode} | {r['wall_s']:.2f} | {r['trajectories_per_s']:.2f} | "
                             f"{r['generated_tokens_per_s']:.0f} | {r['tool_calls']} | {100 * r['share_generate']:.0f}% | "
                             f"{100 * r['share_tools']:.0f}% | {100 * r['share_bookkeeping']:.0f}% |")
             rows.append(f"| {name} | {new_tokens} | **speedup** | | **{speedup:.2f}x** | | | | | |")
-    print(f"{len(items)} trajectories, at most 4 turns, CPU, torch threads {torch.get_num_threads()}\n")
+    print(f"{n} trajectories ({len(items)} examples x {args.group_size} samples), at most 4 turns, CPU, "
+          f"torch threads {torch.get_num_threads()}, hf turn cache {'off' if args.no_cache else 'on'}\n")
     print(header)
     print("\n".join(rows))
     if args.json:

@@ -33,7 +33,8 @@ class GenerationRequest:
     pixel_values: torch.Tensor | None = None  # the processor's output for `images`, concatenated
     image_grid_thw: torch.Tensor | None = None  # (n_images, 3)
     max_new_tokens: int | None = None  # per-request cap below SamplingParams.max_new_tokens
-    trajectory: Any = None  # the trajectory being continued; only policies that plan from it (scripted) read it
+    # The trajectory being continued: the hf engine finds its cached rows by it; scripted policies plan from it.
+    trajectory: Any = None
 
 
 @dataclass

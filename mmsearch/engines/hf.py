@@ -139,7 +139,7 @@ class HFEngine:
         self.max_batch = max_batch
         self.cache_turns = cache_turns
         self.turns = TurnCache()
-        # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns until it goes)
+        # transformers 5.x renamed `past_key_values` to `cache` in forward and its output (the old name warns)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         config = model.config
@@ -170,6 +170,7 @@ class HFEngine:
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams,
                  stop_token_ids: list[int]) -> list[GenerationOutput]:
+        self.model.eval()  # a trainer sharing the module may have switched it back to train mode (dropout)
         chunks = [requests[start:start + self.max_batch] for start in range(0, len(requests), self.max_batch)]
         if not self.cache_turns:
             return [out for chunk in chunks for out in self._generate_batch(chunk, params, stop_token_ids)]
@@ -249,7 +250,7 @@ class HFEngine:
     def _prefix_cache(self, prefix_ids: torch.Tensor, batch: int):
         """The shared prefix's KV cache, computed once and repeated for every row of the batch."""
         out = self.model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), use_cache=True)
-        cache = out.past_key_values
+        cache = getattr(out, self.cache_arg)
         cache.batch_repeat_interleave(batch)
         return cache
 
@@ -330,7 +331,7 @@ class HFEngine:
         pixels = {k: images[k] for k in ("pixel_values", "image_grid_thw") if images and k in images}
         out = self.model(input_ids=input_ids, attention_mask=state.mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1, **{self.cache_arg: state.cache}, **pixels)
-        state.cache = out.past_key_values
+        state.cache = getattr(out, self.cache_arg)
         return out.logits[:, -1].float()
 
     def _decode(self, state: _Prefilled, params: SamplingParams, stop_token_ids: list[int],
