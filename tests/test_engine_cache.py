@@ -85,9 +85,10 @@ def scene(world_dir):
     return Image.open(world_dir / record["path"]).convert("RGB")
 
 
-def _engines(hf_engine, **kwargs) -> tuple[HFEngine, HFEngine]:
-    return (HFEngine(hf_engine.model, hf_engine.processor, cache_turns=True, **kwargs),
-            HFEngine(hf_engine.model, hf_engine.processor, cache_turns=False, **kwargs))
+def _engines(hf_engine, device: str = "cpu", **kwargs) -> tuple[HFEngine, HFEngine]:
+    model = hf_engine.model if device == "cpu" else copy.deepcopy(hf_engine.model).to(device)
+    return (HFEngine(model, hf_engine.processor, cache_turns=True, **kwargs),
+            HFEngine(model, hf_engine.processor, cache_turns=False, **kwargs))
 
 
 class ForwardLog:
@@ -146,20 +147,24 @@ def test_rollout_with_turn_cache_equals_reencoding(hf_engine, toolbox, scene, sa
     assert cached_engine.turns.rows == {}  # the loop leaves no cache behind
 
 
-def _grow(builder, trajectories, tokens, thumb, n_images):
+def _grow(builder, trajectories, outputs, thumb, n_images):
     """Append generated tokens and a tool response with `n_images` images to each trajectory."""
-    for traj, out in zip(trajectories, tokens):
+    for traj, out in zip(trajectories, outputs):
         builder.add_generation(traj, out.token_ids, out.logprobs)
         builder.add_tool_response(traj, f"a result [image {len(traj.images)}]", [thumb] * n_images)
 
 
-def test_stop_tokens_regrouped_rows_and_a_broken_continuation(world_dir, hf_engine, scene):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_stop_tokens_regrouped_rows_and_a_broken_continuation(world_dir, hf_engine, scene, device):
     """A row that ends on a stop token while the others go on, rows that leave or come back in
     another order and chunk (`max_batch` 3), images in tool responses, and a request that no
-    longer continues its cached row (so it is re-encoded) all match the reference, turn by turn."""
+    longer continues its cached row (so it is re-encoded) all match the reference, turn by turn.
+    On CUDA too (fp32), where attention kernels differ on masked and padded rows."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     builder = TrajectoryBuilder(hf_engine.processor)
     thumb = Image.open(next((world_dir / "images").rglob("*.png"))).convert("RGB").resize((90, 70))
-    engines = _engines(hf_engine, max_batch=3)
+    engines = _engines(hf_engine, device, max_batch=3)
     states = [[builder.start("e", i, "You are a test.", "Which nation?" * (i + 1), [scene]) for i in range(4)]
               for _ in engines]
     params = SamplingParams(temperature=1.0, max_new_tokens=10)
