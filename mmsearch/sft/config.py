@@ -39,6 +39,10 @@ class SFTConfig:
     save_every: int = 0  # optimizer steps between checkpoints; 0: only the final one
     keep_checkpoints: int = 2  # older step checkpoints are deleted (the final one always stays)
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
+    # Share of training rows that also get a copy with every entity renamed (mmsearch/sft/augment.py);
+    # `name_swap_kb`: the KB dir for the names (empty: the one the dataset's synth_info.json records).
+    name_swap: float = 0.0
+    name_swap_kb: str = ""
 
     def check(self) -> None:
         if self.precision not in ("fp32", "bf16"):

@@ -103,25 +103,62 @@ def _tool_images(traj: Trajectory, call, n_images: int, crops: Toolbox) -> list:
 
 
 def load_samples(data: str, split: str, builder: TrajectoryBuilder, vision: VisionResizeConfig,
-                 limits: SampleLimits, limit: int | None = None) -> tuple[list[Trajectory], LoadReport]:
-    """Every row of `split` with a gold trajectory, as samples; bad rows are skipped and counted."""
+                 limits: SampleLimits, limit: int | None = None, name_swap: float = 0.0, kb: str = "",
+                 seed: int = 0) -> tuple[list[Trajectory], LoadReport]:
+    """Every row of `split` with a gold trajectory, as samples; bad rows are skipped and counted.
+
+    With `name_swap` > 0, that share of rows also gets a renamed copy (`mmsearch.sft.augment`),
+    appended after the original samples; `kb` is the KB dir (default: the one the data was made from).
+    """
     check_vision(data, vision)
     examples, report = load_examples(data, split=split, limit=limit)
     crops = crop_toolbox(vision)
-    samples = []
+    rows = []
     for example in examples:
         try:
             raw = example.meta.get("messages")
             if not raw:
                 raise SkipRecord("no_trajectory", "the row has no gold messages")
             messages = json.loads(raw) if isinstance(raw, str) else raw
-            samples.append(build_sample(builder, example, messages, crops, limits))
+            rows.append((example, messages, build_sample(builder, example, messages, crops, limits)))
         except SkipRecord as skip:
             report.skip(example.id, skip.reason, skip.detail)
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             report.skip(example.id, "malformed_trajectory", f"{type(exc).__name__}: {exc}")
+    samples = [sample for _, _, sample in rows]
+    if name_swap > 0:
+        samples += _swapped_samples(rows, builder, crops, limits, name_swap, kb or _data_kb(data), seed)
     crops.close()
     report.loaded = len(samples)
     if report.skipped:
         log.warning("%s[%s]: %s; first: %s", data, split, report, report.examples_of_skipped[:3])
     return samples, report
+
+
+def _data_kb(data: str) -> str:
+    info = Path(data, "synth_info.json")
+    kb = json.loads(info.read_text()).get("kb") if info.is_file() else None
+    if not kb:
+        raise ValueError(f"name swaps need the KB the data was made from: {data} records none; set the KB dir")
+    return kb
+
+
+def _swapped_samples(rows, builder, crops, limits, share: float, kb: str, seed: int) -> list[Trajectory]:
+    """Renamed copies of a `share` of the rows (rows that mention no KB entity are left out)."""
+    import random
+
+    from mmsearch.sft.augment import NameSwap, _texts
+
+    swap = NameSwap.from_kb(kb, (text for _, messages, _ in rows for text in _texts(messages)))
+    rng = random.Random(seed)
+    out = []
+    for example, messages, _ in rows:
+        if rng.random() >= share:
+            continue
+        renamed = swap.swap(messages, rng)
+        if renamed is not None:
+            try:
+                out.append(build_sample(builder, example, renamed, crops, limits))
+            except SkipRecord:
+                continue
+    return out

@@ -72,7 +72,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     builder = TrajectoryBuilder(processor)
     vision = vision_from_processor(processor, VisionResizeConfig())
     limits = SampleLimits(cfg.batch.max_tool_response_tokens, cfg.batch.max_seq_tokens)
-    samples, report = load_samples(cfg.data, cfg.train_split, builder, vision, limits)
+    samples, report = load_samples(cfg.data, cfg.train_split, builder, vision, limits,
+                                   name_swap=cfg.name_swap, kb=cfg.name_swap_kb, seed=cfg.seed)
     if not samples:
         raise ValueError(f"no trainable samples in {cfg.data}[{cfg.train_split}] ({report})")
     lengths = [len(s.token_ids) for s in samples]
