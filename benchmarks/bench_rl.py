@@ -45,9 +45,10 @@ What TRL 1.16 needs for multi-turn with this VLM.
   image) are exactly ours (`check_same_tokens`), so both sides train on the same sequences.
 
 What still differs is how each side works, which is what is measured: ours rolls out with the agent
-loop (batched generation per turn, tool calls of a turn batched), then a scoring pass (log-probs
-recomputed, plus the likelihood probe after the update); TRL generates with `model.generate`, runs tool
-calls one at a time, and with one optimizer step per generation batch it skips the old-log-prob pass.
+loop (batched generation per turn, tool calls of a turn batched); with one optimizer step per
+generation batch both sides skip the old-log-prob pass (ours: `algorithm.old_logprobs=auto` takes them
+from the training forward; its likelihood probe, which TRL has no counterpart of, is off:
+`lld_probe_every=0`); TRL generates with `model.generate` and runs tool calls one at a time.
 Ours forwards token-budget micro-batches (`algorithm.tokens_per_micro_batch`); TRL pads the step's
 trajectories to the longest and, by default, runs them in one forward/backward (`--trl-micro-batch`).
 Trained tokens are the generated tokens the loss covers (end-of-turn tokens included, tool results not).
@@ -124,10 +125,10 @@ def ours_overrides(args: argparse.Namespace, mode: str) -> list[str]:
         "algorithm.advantage=grpo", "algorithm.ppo_epochs=1", "algorithm.mini_batches=1",
         "algorithm.loss_agg=token-mean", "algorithm.ratio_level=token", "algorithm.kl_coef=0",
         "algorithm.entropy_coef=0", "algorithm.lld_coef=0", "algorithm.tis_cap=0", "algorithm.dual_clip=0",
-        "algorithm.dynamic_sampling=false", "algorithm.overlong=none", "algorithm.old_logprobs=trainer",
+        "algorithm.dynamic_sampling=false", "algorithm.overlong=none", "algorithm.old_logprobs=auto",
         "rewards.functions=[answer]", "rewards.weights={exact_match: 1.0}",
         "optim.weight_decay=0", "lora.r=0", "guard.enabled=false", "eval.enabled=false", "logger=[jsonl]",
-        "save_every=0", "log_trajectories=0",
+        "save_every=0", "log_trajectories=0", "lld_probe_every=0",
     ]
 
 

@@ -73,6 +73,9 @@ def main(out: str, policy: str, data: str, index: str) -> None:
                        no_autocast, info)
     rl._advantages(cfg, flat, scored)
     record = rl._update(cfg, flat, scored, parallel, None, 0, model.config.image_token_id, 1, info, no_autocast, True)
+    # one update per step: the trainer's log-probs came from the update's forward (no scoring pass)
+    assert scored["old_from_update"]
+    record.update(rl._mismatch(scored["trainer"], scored["rollout"], scored["generated_mask"], info))
     record.update(rl.rollout_metrics(rl._gather(flat, info), {ex.id: ex for ex in examples}))
     if info.is_main:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ def test_rl_run_writes_checkpoint_metrics_curves_and_trajectories(policy_dir, go
     from transformers import AutoModelForImageTextToText
 
     cfg = _cfg(policy_dir, gold_dataset, index_dir, tmp_path / "run", "eval.enabled=true", "eval.limit=2",
-               "eval.agent.max_new_tokens_per_turn=8", "eval.agent.max_turns=1")
+               "eval.agent.max_new_tokens_per_turn=8", "eval.agent.max_turns=1", "lld_probe_every=2")
     result = train_rl(cfg, progress=False)
     out = tmp_path / "run"
     train = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
@@ -62,8 +62,11 @@ def test_rl_run_writes_checkpoint_metrics_curves_and_trajectories(policy_dir, go
                 "reward/exact_match_mean", "calls/text_search"):
         assert key in train[0], key
     assert train[0]["trajectories"] == 4.0
-    # old log-probs are recomputed by the trainer before any update: ratio 1 exactly on the first pass
+    # one update per step: old log-probs are the training forward's own, so the ratio is 1
     assert train[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    # the likelihood probe runs on every 2nd step only, and a step without it logs nothing for it
+    assert not any(k.startswith("lld/") for k in train[0])
+    assert {"lld/logp_before", "lld/logp_after", "lld/delta"} <= set(train[1])
     # invariant 4 measured every step: the engine's log-probs are the trainer's on the same weights
     assert train[0]["mismatch/ratio_mean"] == pytest.approx(1.0, abs=1e-3)
     assert train[0]["mismatch/ratio_max"] < 1.01 and train[0]["mismatch/ess"] > 0.999
@@ -113,6 +116,93 @@ def test_update_raises_the_likelihood_of_positive_advantage_trajectories(policy_
         delta = float(((after[i, :len(mask)] - scored["old"][i]) * mask).sum())
         assert (delta > 0) == (t.sample == 0), (t.sample, delta)
     rollouts.close()
+
+
+@pytest.mark.parametrize("overrides, from_update", [
+    ([], True),
+    (["algorithm.old_logprobs=recompute"], False),
+    (["algorithm.old_logprobs=engine"], True),
+    (["algorithm.mini_batches=2"], False),
+    (["algorithm.ppo_epochs=2"], False),
+    (["algorithm.kl_coef=0.1"], True),  # KL as a loss term compares the current log-probs with the reference's
+    (["algorithm.kl_coef=0.1", "algorithm.kl_in_reward=true"], False),
+    (["algorithm.advantage=gae"], False),
+    (["algorithm.lld_coef=0.1"], False),
+    (["lora.r=8", "lora.dropout=0.05"], False),
+    (["lora.r=8"], True),
+])
+def test_old_logprobs_skip_their_pass_only_when_the_update_is_exactly_on_policy(overrides, from_update, tmp_path):
+    from mmsearch.rl import train as rl
+
+    cfg = load_config(RLConfig, overrides=[f"out={tmp_path}", "rewards.weights={exact_match: 1.0}", *overrides])
+    cfg.check()
+    assert rl._old_logprobs_from_update(cfg) is from_update
+
+
+def test_tiny_recipe_recomputes_old_logprobs(tmp_path):
+    from mmsearch.rl import train as rl
+
+    cfg = load_config(RLConfig, Path(__file__).parents[1] / "configs" / "rl" / "tiny.yaml", overrides=[f"out={tmp_path}"])
+    assert not rl._old_logprobs_from_update(cfg) and cfg.lld_probe_every == 5  # two mini-batches
+
+
+def test_old_logprobs_from_the_update_give_the_recomputed_update(policy_dir, gold_dataset, index_dir, tmp_path):
+    """On an on-policy config, `auto` skips the no-grad pass and trains exactly as `recompute` does."""
+    from transformers import AutoProcessor
+
+    from mmsearch.eval.loaders import load_examples
+    from mmsearch.logprobs import TokenScorer
+    from mmsearch.rl import train as rl
+    from mmsearch.rl.rollout import Rollouts
+    from mmsearch.training.config import FreezeConfig, LoraConfig
+    from mmsearch.training.model import load_policy
+    from mmsearch.training.parallel import DistInfo, TorchParallel
+
+    processor = AutoProcessor.from_pretrained(policy_dir)
+    examples, _ = load_examples(str(gold_dataset), split="train", limit=2)
+    base = _cfg(policy_dir, gold_dataset, index_dir, tmp_path / "x")
+    rollouts = Rollouts(base, load_policy(str(policy_dir), "cpu", LoraConfig(), FreezeConfig(vision_tower=True)),
+                        processor)
+    trajectories, _ = rollouts.run(examples, step=1, round_=0)
+    rollouts.close()
+    for t in trajectories:
+        t.rewards = {"reward": 1.0 if t.sample == 0 else 0.0}
+    no_autocast = torch.autocast("cpu", enabled=False)
+    runs = {}
+    for mode in ("auto", "recompute"):
+        # TIS on: its trainer/engine ratio must come from the update's forward as well
+        cfg = _cfg(policy_dir, gold_dataset, index_dir, tmp_path / mode, f"algorithm.old_logprobs={mode}",
+                   "algorithm.tis_cap=2.0")
+        model = load_policy(str(policy_dir), "cpu", LoraConfig(), FreezeConfig(vision_tower=True))
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        scorer = TokenScorer(model)
+        forwards = []  # whether each forward of the policy builds a graph
+        scorer.register_forward_pre_hook(lambda module, args, seen=forwards: seen.append(torch.is_grad_enabled()))
+        parallel = TorchParallel(scorer, optimizer, scheduler, DistInfo(), max_grad_norm=0.0)
+        model.train()
+        scored = rl._score(cfg, trajectories, parallel, None, None, 0, model.config.image_token_id, 1,
+                           {"scoring": 0.0}, no_autocast, DistInfo())
+        scored_forwards = len(forwards)
+        rl._advantages(cfg, trajectories, scored)
+        record = rl._update(cfg, trajectories, scored, parallel, None, 0, model.config.image_token_id, 1, DistInfo(),
+                            no_autocast, True)
+        record.update(rl._mismatch(scored["trainer"], scored["rollout"], scored["generated_mask"], DistInfo()))
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs[mode] = (scored_forwards, forwards, scored, record, weights)
+    auto, recompute = runs["auto"], runs["recompute"]
+    assert auto[0] == 0 and all(auto[1])  # no scoring pass: every forward is a training forward
+    assert recompute[0] > 0 and not any(recompute[1][:recompute[0]])
+    assert auto[2]["old_from_update"] and not recompute[2]["old_from_update"]
+    for a, b in zip(auto[2]["trainer"], recompute[2]["trainer"]):  # the same pre-update log-probs
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert auto[3]["ratio_mean"] == 1.0 and auto[3]["ratio_max"] == 1.0  # old is the forward's own, detached
+    assert set(auto[3]) == set(recompute[3]) and {"mismatch/ess", "is_ratio_mean", "grad_norm"} <= set(auto[3])
+    for key in auto[3]:
+        assert auto[3][key] == pytest.approx(recompute[3][key], rel=1e-4, abs=1e-5), key
+    assert auto[3]["grad_norm"] > 0
+    for name in auto[4]:
+        torch.testing.assert_close(auto[4][name], recompute[4][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_kill_and_resume_gives_the_metrics_of_an_uninterrupted_run(policy_dir, gold_dataset, index_dir, tmp_path):
@@ -182,6 +272,8 @@ def test_guard_needs_patience_for_soft_signals_and_none_for_nan():
     ("rollout.agent.sampling.temperature=0", "temperature must be > 0"),
     ("algorithm.advantage=ppo2", "algorithm.advantage must be one of"),
     ("rollout.group_size=1", "group_size must be >= 2"),
+    ("algorithm.old_logprobs=trainer", "algorithm.old_logprobs must be one of auto, recompute, engine"),
+    ("lld_probe_every=-1", "lld_probe_every must be >= 0"),
 ])
 def test_bad_configs_are_refused_before_anything_loads(override, message, tmp_path):
     cfg = load_config(RLConfig, overrides=[f"out={tmp_path}", "rewards.weights={exact_match: 1.0}", override])

@@ -40,7 +40,16 @@ class AlgorithmConfig:
     kl_estimator: str = "k3"  # k1 | k2 | k3 (low_var_kl)
     kl_in_reward: bool = False  # False: a loss term (GRPO); True: subtracted from the reward (PPO, Search-R1)
     entropy_coef: float = 0.0  # > 0: an entropy bonus
-    old_logprobs: str = "trainer"  # trainer: recomputed before the update | engine: the rollout's own
+    # The log-probs the PPO ratio divides by. auto: the trainer's before the update, without a separate pass when
+    # the step is exactly on-policy -- ppo_epochs = mini_batches = 1 (every trajectory is trained once, by the
+    # weights that generated it, before the only optimizer step), the engine is the trained module (hf), no
+    # critic (gae), no KL in the reward (it needs them before the update), lld_coef = 0 (its hinge sits at its
+    # kink there, where float noise alone would pick the gradient) and no LoRA dropout (a second forward would
+    # draw another mask) -- then they are the training forward's own, detached (ratio exactly 1: the clipped
+    # surrogate's gradient is the plain policy gradient); otherwise a no-grad forward recomputes them before
+    # the update. recompute: always that forward. engine: the rollout engine's own. The trainer's log-probs
+    # that the mismatch metrics and TIS compare the engine's with come as with auto in every case.
+    old_logprobs: str = "auto"  # auto | recompute | engine
     tis_cap: float = 0.0  # > 0: truncated importance sampling on the trainer/engine ratio, capped here
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill to B
     max_refills: int = 3  # extra rollout rounds a step may take to refill
@@ -99,6 +108,9 @@ class RLConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     logger: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # + wandb
     log_trajectories: int = 4  # trajectories written per step to trajectories/step-N.jsonl (one per group first)
+    # Steps between likelihood-displacement probes (lld/* metrics: an extra no-grad forward over the A >= 0
+    # trajectories after the update, on steps that are a multiple of this); 0: never
+    lld_probe_every: int = 5
     save_every: int = 0  # steps between checkpoints; 0: only the final one
     keep_checkpoints: int = 2
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
@@ -110,7 +122,7 @@ class RLConfig:
             "loss_agg": (a.loss_agg, AGGREGATION_MODES),
             "kl_estimator": (a.kl_estimator, KL_KINDS),
             "ratio_level": (a.ratio_level, ("token", "sequence")),
-            "old_logprobs": (a.old_logprobs, ("trainer", "engine")),
+            "old_logprobs": (a.old_logprobs, ("auto", "recompute", "engine")),
             "overlong": (a.overlong, ("none", "filter", "penalty")),
         }
         for key, (value, allowed) in choices.items():
@@ -132,6 +144,8 @@ class RLConfig:
             raise ValueError("rollout.prompts_per_step and rollout.group_size must be >= 1")
         if a.advantage != "gae" and r.group_size < 2:
             raise ValueError(f"advantage={a.advantage} compares samples of one question: rollout.group_size must be >= 2")
+        if self.lld_probe_every < 0:
+            raise ValueError(f"lld_probe_every must be >= 0 (0: no probe), got {self.lld_probe_every}")
         if a.mini_batches < 1 or a.ppo_epochs < 1:
             raise ValueError("algorithm.mini_batches and algorithm.ppo_epochs must be >= 1")
         if r.engine == "openai":

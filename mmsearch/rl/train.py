@@ -5,19 +5,23 @@ One step:
    of each through the agent loop, generating with the very module being trained (`hf` engine).
 2. Score every trajectory with the configured reward functions (`mmsearch.rewards`). With DAPO's
    dynamic sampling, groups whose rewards are all equal are dropped and more questions rolled out.
-3. Scoring pass without gradients: the trainer's log-probs of the generated tokens (or the engine's),
-   the reference policy's (only when kl_coef > 0) and the critic's values (PPO only).
+3. Scoring pass without gradients: the trainer's log-probs of the generated tokens (not when the step
+   is exactly on-policy, `algorithm.old_logprobs`: then the update's own forward, on the weights that
+   generated them, gives them), the reference policy's (only when kl_coef > 0) and the critic's values
+   (PPO only).
 4. Advantages from groups formed by example id (GRPO, Dr. GRPO, RLOO, REINFORCE++), or per token by
    GAE with the critic (PPO, Search-R1's main setting).
 5. K passes of mini-batch updates of the clipped surrogate over the generated tokens only (the loss
    mask, DESIGN.md invariant 2); every mini-batch's loss is normalised over the whole mini-batch
    across ranks, whatever the micro-batching.
-6. Push the weights to the engine (nothing to copy for `hf`), log, check for collapse, checkpoint, eval.
+6. Push the weights to the engine (nothing to copy for `hf`), log (the engine/trainer mismatch every
+   step, the likelihood probe every `lld_probe_every` steps), check for collapse, checkpoint, eval.
 
 How it departs from textbook GRPO (DeepSeekMath): no KL term by default (kl_coef=0, as DAPO and
 Dr. GRPO argue; no reference model is even loaded), a constant small learning rate, tool outputs
-masked out of the loss, and old log-probs recomputed by the trainer so the engine's numerics only
-enter through the (optional) truncated importance-sampling correction.
+masked out of the loss, and old log-probs that are the trainer's (recomputed before the update unless the
+step is exactly on-policy, `algorithm.old_logprobs`) so the engine's numerics only enter through the
+(optional) truncated importance-sampling correction.
 
 Launch: `mmsearch rl --config configs/rl/tiny.yaml --model runs/sft/final --data runs/dataset
 --index runs/index --out runs/rl`; on several GPUs `torchrun --nproc_per_node N $(which mmsearch) rl ...`
@@ -182,8 +186,10 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
                              autocast, train_policy)
             times["update"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            update.update(_likelihood_probe(flat, batch, parallel, pad_id, image_token_id, autocast, info))
-            update.update(batch["mismatch"])
+            # invariant 4, measured: how far the engine's log-probs are from the trainer's on the same weights
+            update.update(_mismatch(batch["trainer"], batch["rollout"], batch["generated_mask"], info))
+            if cfg.lld_probe_every and step % cfg.lld_probe_every == 0:
+                update.update(_likelihood_probe(flat, batch, parallel, pad_id, image_token_id, autocast, info))
             times["scoring"] += time.perf_counter() - t0
         times["weight_sync"] += rollouts.push_weights()
         step_s = time.perf_counter() - t_step
@@ -293,36 +299,57 @@ def _micro_batches(lengths: list[int], budget: int, tag: str) -> list[list[int]]
     return pack(lengths, max(budget, max(lengths)), seed=0, epoch=tag)
 
 
+def _old_logprobs_from_update(cfg: RLConfig) -> bool:
+    """Whether the trainer's pre-update log-probs come from the training forward itself, with no pass of their own.
+
+    Only where that is the same number: one optimizer update per step (each trajectory is scored by the
+    training forward on exactly the weights that generated it, before any step), the engine is the module
+    being trained, nothing needs them before the update (GAE's critic, KL in the reward), and no dropout
+    (a second forward would draw another mask). LLD's hinge (relu(old - logp)) sits at its kink there, so
+    the recomputed pass's float noise would pick its gradient: with lld_coef > 0 the pass runs as before.
+    """
+    a = cfg.algorithm
+    return (a.old_logprobs != "recompute" and a.ppo_epochs == 1 and a.mini_batches == 1
+            and cfg.rollout.engine == "hf" and a.advantage != "gae" and not (a.kl_coef > 0 and a.kl_in_reward)
+            and a.lld_coef == 0 and (cfg.lora.r == 0 or cfg.lora.dropout == 0))
+
+
 @torch.no_grad()
 def _score(cfg: RLConfig, flat: list[Trajectory], parallel, ref, critic, pad_id: int, image_token_id: int,
            step: int, times: dict, autocast, info: DistInfo) -> dict:
-    """Per-trajectory 1-D tensors: old, rollout and reference log-probs, values, loss masks."""
+    """Per-trajectory 1-D tensors: old, trainer, rollout and reference log-probs, values, loss masks.
+
+    With `_old_logprobs_from_update`, "trainer" (and "old", unless they are the engine's) stay None here:
+    `_update` fills them from its forward, before it steps.
+    """
     t0 = time.perf_counter()
     a = cfg.algorithm
     n = len(flat)
-    out: dict[str, list] = {k: [None] * n for k in ("old", "rollout", "ref", "values", "mask")}
+    recompute = not _old_logprobs_from_update(cfg)
+    out: dict = {k: [None] * n for k in ("trainer", "ref", "values")}
+    out["old_from_update"] = not recompute
+    out["mask"] = [torch.tensor(t.loss_mask, dtype=torch.float32) for t in flat]
+    out["rollout"] = [torch.tensor(t.logprobs, dtype=torch.float32) for t in flat]
     scorer = parallel.module.module if hasattr(parallel.module, "module") else parallel.module
-    for ids in _micro_batches([len(t.token_ids) for t in flat], a.tokens_per_micro_batch, f"score:{step}"):
+    batches = (_micro_batches([len(t.token_ids) for t in flat], a.tokens_per_micro_batch, f"score:{step}")
+               if recompute or ref is not None or critic is not None else [])
+    for ids in batches:
         batch = _batch([flat[i] for i in ids], pad_id, image_token_id, scorer)
         with autocast:
-            trainer_logp = scorer(batch)[0].float()  # always: the engine/trainer mismatch is logged every step
+            trainer_logp = scorer(batch)[0].float() if recompute else None
             ref_logp = ref(batch)[0].float() if ref is not None else None
             values = critic(batch).float() if critic is not None else None
         for row, i in enumerate(ids):
             length = len(flat[i].token_ids)
-            out["mask"][i] = batch["loss_mask"][row, :length].float().cpu()
-            out["rollout"][i] = batch["rollout_logprobs"][row, :length].cpu()
-            out["old"][i] = trainer_logp[row, :length].cpu()
+            if trainer_logp is not None:
+                out["trainer"][i] = trainer_logp[row, :length].cpu()
             if ref_logp is not None:
                 out["ref"][i] = ref_logp[row, :length].cpu()
             if values is not None:
                 out["values"][i] = values[row, :length].cpu()
     out["n_trained"] = [int(m[1:].sum()) for m in out["mask"]]
-    out["trainer"] = list(out["old"])
-    # invariant 4, measured: how far the engine's log-probs are from the trainer's on the same weights
-    out["mismatch"] = _mismatch(out["trainer"], out["rollout"], out["mask"], info)
-    if a.old_logprobs == "engine":
-        out["old"] = list(out["rollout"])
+    out["old"] = list(out["rollout"] if a.old_logprobs == "engine" else out["trainer"])
+    out["generated_mask"] = list(out["mask"])  # the mismatch covers every generated token, filtered or not
     if a.overlong == "filter":  # trajectories cut by the token limit carry no loss
         for i, t in enumerate(flat):
             if t.stop_reason == "max_tokens":
@@ -416,14 +443,20 @@ def _update(cfg: RLConfig, flat: list[Trajectory], scored: dict, parallel, criti
                 longest = batch["input_ids"].shape[1]
                 device = batch["input_ids"].device
                 mask = _pad([scored["mask"][i] for i in ids], longest).to(device)
-                old = _pad([scored["old"][i] for i in ids], longest).to(device)
                 adv = _pad([scored["advantages"][i] for i in ids], longest).to(device)
                 last = k == len(micro) - 1
                 if train_policy:
                     with parallel.accumulating(last=last):
                         with autocast:
                             logp, entropy = scorer(batch, with_entropy=True)
-                        loss, terms, stats = _policy_objective(cfg, logp.float(), entropy.float(), old, adv, mask,
+                        logp = logp.float()
+                        if scored["old_from_update"]:  # no step yet: these are the weights that generated them
+                            for row, i in enumerate(ids):
+                                scored["trainer"][i] = logp[row, :len(flat[i].token_ids)].detach().cpu()
+                                if a.old_logprobs != "engine":
+                                    scored["old"][i] = scored["trainer"][i]
+                        old = _pad([scored["old"][i] for i in ids], longest).to(device)
+                        loss, terms, stats = _policy_objective(cfg, logp, entropy.float(), old, adv, mask,
                                                                scored, ids, global_tokens, global_seqs, norm_len,
                                                                longest, device)
                         parallel.backward(loss * info.world_size)  # DDP averages gradients: make it the sum
@@ -514,7 +547,7 @@ def _likelihood_probe(flat: list[Trajectory], scored: dict, parallel, pad_id: in
         for row, i in enumerate(ids):
             m = scored["mask"][i]
             after += float((logp[row, :len(m)] * m).sum())
-            before += float((scored["old"][i] * m).sum())
+            before += float((scored["trainer"][i] * m).sum())
             tokens += float(m.sum())
     before, after, tokens = (all_sum(x, info) for x in (before, after, tokens))
     if not tokens:
