@@ -27,9 +27,19 @@ CPU, the engine itself by a GPU-marked test. What it relies on, and where vLLM s
   sampled token, then `check_stop` finishes the request on it; only *text* drops special stop
   tokens). `ignore_eos=True` keeps the stop set exactly ours: otherwise vLLM adds the tokenizer's
   EOS and the checkpoint's generation_config EOS ids (`SamplingParams.update_from_generation_config`).
-* **Weights.** `update_weights` runs `model.load_weights(named_tensors)` inside each worker through
-  `LLM.apply_model`, then resets the prefix cache (KV computed with the old weights) and the encoder
-  cache (vision embeddings, keyed only by the image's hash).
+* **Weights.** `update_weights` runs `model.load_weights(chunk)` inside each worker through
+  `LLM.apply_model` (present from vLLM 0.9 to the current release; in-process the tensors go by
+  reference), chunk by chunk with the names checked first (`vllm_weights.push_weights`), then resets
+  the prefix cache (KV computed with the old weights) and the encoder cache (vision embeddings, keyed
+  only by the image's hash). vLLM's newer weight-transfer engines (`WeightTransferConfig`, NCCL or CUDA
+  IPC) are for an engine in another process; a colocated in-process engine needs neither.
+* **Sleep.** With `enable_sleep_mode=True` in `llm_kwargs`, `sleep(level)` frees the engine's GPU memory
+  between rollouts (`LLM.sleep`: level 1 keeps the weights in CPU memory, level 2 drops them) and
+  `wake_up(tags)` takes it back (`LLM.wake_up(tags=["weights"])` / `["kv_cache"]`), as vLLM's sleep-mode
+  docs describe for RL weight updates: wake the weights, load them, then wake the KV cache.
+
+Targets vLLM's V1 engine (0.11 or later: `LLM.sleep`/`wake_up(tags=...)`, `LLM.reset_prefix_cache`,
+`LLMEngine.reset_encoder_cache`).
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from mmsearch.engines.base import GenerationOutput, GenerationRequest, SamplingParams
+from mmsearch.engines.vllm_weights import PushReport, push_weights
 
 logger = logging.getLogger(__name__)
 
@@ -201,9 +212,24 @@ def build_prompt(request: GenerationRequest, image_token_id: int, merge_size: in
     return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": list(request.images)}}, collapsed
 
 
+def checkpoint_architecture(model: str) -> str:
+    """The checkpoint's model class (`config.architectures[0]`), which names vLLM's class for it."""
+    from transformers import AutoConfig
+
+    architectures = AutoConfig.from_pretrained(model).architectures or []
+    if not architectures:
+        raise ValueError(f"{model}: config.json names no architecture")
+    return architectures[0]
+
+
 def _load_weights(model, weights: list[tuple[str, torch.Tensor]]):
     """Runs inside each vLLM worker (via `LLM.apply_model`): vLLM's loader maps HF names to its own."""
     return model.load_weights(weights)
+
+
+def _parameter_names(model) -> set[str]:
+    """Runs inside each vLLM worker: the parameters a weight push must cover."""
+    return {name for name, _ in model.named_parameters()}
 
 
 # ---- the engine ------------------------------------------------------------------------------------
@@ -245,8 +271,12 @@ class VLLMEngine:
         if in_process:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.image_token_id, self.merge_size = placeholder_config(model)
+        self.architecture = checkpoint_architecture(model)
         self._sampling_params = VLLMSamplingParams
         self._warned_truncation = False
+        self._asleep: set[str] = set()  # which of "weights", "kv_cache" are released
+        self._weights_valid = True  # False after a level-2 sleep until update_weights restores them
+        self._parameter_names: set[str] | None = None
         self.llm = LLM(
             model=model,
             dtype=_DTYPES.get(dtype, dtype),
@@ -265,6 +295,9 @@ class VLLMEngine:
 
     def generate(self, requests: list[GenerationRequest], params: SamplingParams,
                  stop_token_ids: list[int]) -> list[GenerationOutput]:
+        if self._asleep or not self._weights_valid:
+            raise VLLMEngineError("the engine is asleep or its weights were dropped: update_weights and wake_up "
+                                  "before generating")
         if truncates(params) and not self._warned_truncation:
             self._warned_truncation = True
             logger.warning(
@@ -292,12 +325,15 @@ class VLLMEngine:
                 results[slot] = to_generation_output(out.outputs[0])
         return results  # type: ignore[return-value]
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], chunk_bytes: int = 1 << 30
+                       ) -> PushReport:
         """Load new policy weights (HF parameter names, as in `model.state_dict()`) into every worker.
 
-        Then drop what was computed with the old weights: the prefix cache (KV blocks) and the encoder
-        cache (image embeddings keyed only by the image's hash), or the next rollout would silently mix
-        old and new policies.
+        Names are checked before anything loads; tensors go in chunks of at most `chunk_bytes`, and every
+        vLLM parameter must receive one. A sleeping engine gets its weight memory back first (its KV cache
+        stays released until `wake_up`). Then what was computed with the old weights is dropped: the prefix
+        cache (KV blocks) and the encoder cache (image embeddings keyed only by the image's hash), or the
+        next rollout would silently mix old and new policies.
         """
         reset_encoder_cache = getattr(self.llm.llm_engine, "reset_encoder_cache", None)
         if reset_encoder_cache is None:  # checked first: refuse before any weight changes
@@ -305,7 +341,37 @@ class VLLMEngine:
                 "this vLLM cannot reset its encoder cache, so image embeddings computed with the old weights "
                 "would be reused after an update; upgrade vLLM"
             )
-        weights = [(name, tensor.detach()) for name, tensor in named_tensors]
-        self.llm.apply_model(functools.partial(_load_weights, weights=weights))
+        if "weights" in self._asleep:
+            self.wake_up(["weights"])
+        if self._parameter_names is None:
+            self._parameter_names = set.intersection(*map(set, self.llm.apply_model(_parameter_names)))
+
+        def load(chunk: list[tuple[str, torch.Tensor]]) -> set[str]:
+            per_worker = self.llm.apply_model(functools.partial(_load_weights, weights=chunk))
+            return set.intersection(*(set(names or ()) for names in per_worker))
+
+        report = push_weights(named_tensors, load, self.architecture, chunk_bytes, expected=self._parameter_names)
         self.llm.reset_prefix_cache()
         reset_encoder_cache()
+        self._weights_valid = True
+        return report
+
+    def sleep(self, level: int) -> None:
+        """Release the engine's GPU memory (needs `enable_sleep_mode=True`): level 1 moves the weights to CPU
+        memory and drops the KV cache; level 2 drops both (the next `update_weights` must restore them)."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        self.llm.sleep(level=level)
+        self._asleep = {"weights", "kv_cache"}
+        if level == 2:
+            self._weights_valid = False
+
+    def wake_up(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """Take back the GPU memory `sleep` released, for `tags` ("weights", "kv_cache") that are asleep."""
+        waking = [tag for tag in tags if tag in self._asleep]
+        if not waking:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the trainer's cached, unused blocks go back to the device first
+        self.llm.wake_up(tags=waking)
+        self._asleep -= set(waking)

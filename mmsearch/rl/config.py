@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from mmsearch.agent.config import AgentConfig, SamplingConfig
@@ -13,15 +14,34 @@ from tools.config import ToolsConfig
 
 
 @dataclass
+class VLLMSettings:
+    """The `vllm` rollout engine: one vLLM instance per rank, in the trainer's process, on the rank's GPU.
+
+    It generates with its own copy of the policy (dtype below); the trainer pushes its weights into it after
+    every optimizer step. Between rollouts it sleeps, so scoring and the update get its memory back.
+    """
+
+    gpu_memory_utilization: float = 0.3  # share of the GPU vLLM may fill with its weights and KV cache
+    sleep_level: int = 1  # between rollouts: 0 stays resident; 1 weights to CPU memory, KV cache freed; 2 both freed
+    dtype: str = "auto"  # auto: the trainer's precision (bf16 -> bf16, fp32 -> fp32) | bf16 | fp16 | fp32
+    max_model_len: int = 0  # tokens per sequence; 0: rollout.agent.max_total_tokens
+    enforce_eager: bool = False  # True: no CUDA graphs (less memory and start-up time, slower decoding)
+    weight_chunk_mb: int = 1024  # a weight push loads at most this many MiB per load_weights call
+
+
+@dataclass
 class RolloutSettings:
     """How trajectories are generated: the engine, the loop's limits and the sampling."""
 
-    engine: str = "hf"  # hf: generate with the very module being trained (no copy, nothing to sync)
+    # hf: generate with the very module being trained (no copy, nothing to sync); vllm: a colocated vLLM
+    # copy on the same GPU (CUDA only), weights pushed after every update (rollout.vllm)
+    engine: str = "hf"
     prompts_per_step: int = 8  # B: questions per step
     group_size: int = 4  # G: samples per question (one group)
-    max_batch: int = 64  # trajectories per engine call
+    max_batch: int = 64  # trajectories per engine call (hf); sequences vLLM runs at once (vllm)
     agent: AgentConfig = field(default_factory=lambda: AgentConfig(sampling=SamplingConfig(temperature=1.0)))
     tools: ToolsConfig = field(default_factory=ToolsConfig)
+    vllm: VLLMSettings = field(default_factory=VLLMSettings)
 
 
 @dataclass
@@ -151,8 +171,40 @@ class RLConfig:
         if r.engine == "openai":
             raise ValueError("rollout.engine=openai is a chat-level engine: it returns text, not the token ids and "
                              "log-probs RL trains on (DESIGN.md invariant 1); use hf")
-        if r.engine != "hf":
-            raise ValueError(f"rollout.engine={r.engine!r}: RL rolls out with hf (the module being trained); "
-                             "colocated vLLM rollouts with weight sync are not built yet")
+        if r.engine not in ("hf", "vllm"):
+            raise ValueError(f"rollout.engine={r.engine!r}: RL rolls out with hf (the module being trained) or vllm "
+                             "(a colocated copy, weights pushed after every update)")
+        if r.engine == "vllm":
+            self._check_vllm()
         if r.agent.sampling.temperature <= 0:
             raise ValueError("rollout.agent.sampling.temperature must be > 0: RL needs sampled, not greedy, rollouts")
+
+    def _check_vllm(self) -> None:
+        v, a = self.rollout.vllm, self.algorithm
+        if self.device == "cpu":
+            raise ValueError("rollout.engine=vllm needs a CUDA GPU (device=cpu): use rollout.engine=hf on a CPU")
+        if not 0 < v.gpu_memory_utilization < 1:
+            raise ValueError(f"rollout.vllm.gpu_memory_utilization must be in (0, 1): it is the share of the GPU "
+                             f"vLLM takes beside the trainer, got {v.gpu_memory_utilization}")
+        if v.sleep_level not in (0, 1, 2):
+            raise ValueError(f"rollout.vllm.sleep_level must be 0 (stay resident), 1 or 2, got {v.sleep_level}")
+        if v.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"rollout.vllm.dtype must be one of auto, bf16, fp16, fp32, got {v.dtype!r}")
+        if v.max_model_len < 0 or v.weight_chunk_mb < 1:
+            raise ValueError("rollout.vllm.max_model_len must be >= 0 and rollout.vllm.weight_chunk_mb >= 1")
+        # A separate engine's log-probs differ from the trainer's even on the same weights (other kernels, often
+        # another dtype). DESIGN.md invariant 4: that difference is corrected, never ignored.
+        if a.old_logprobs == "engine":
+            if a.tis_cap > 0:
+                raise ValueError("algorithm.old_logprobs=engine already divides by the engine's log-probs (the ratio "
+                                 "is taken to the vLLM policy that sampled); tis_cap > 0 would correct the same "
+                                 "mismatch twice. Use old_logprobs=auto with tis_cap, or engine with tis_cap=0")
+            warnings.warn("rollout.engine=vllm with algorithm.old_logprobs=engine: the PPO ratio then also measures "
+                          "the engine's numerics, and the clip drops tokens where vLLM and the trainer differ by more "
+                          "than the clip range; old_logprobs=auto with tis_cap (e.g. 2.0) keeps the two apart",
+                          stacklevel=3)
+        elif a.tis_cap <= 0:
+            raise ValueError("rollout.engine=vllm samples from a separate copy whose log-probs differ from the "
+                             "trainer's: set algorithm.tis_cap (e.g. 2.0) so truncated importance sampling corrects "
+                             "for it (DESIGN.md invariant 4), or algorithm.old_logprobs=engine to take the ratio to "
+                             "the engine's own log-probs")

@@ -2,7 +2,8 @@
 
 One step:
 1. Draw B questions (a seeded order per epoch; its position is trainer state) and roll out G samples
-   of each through the agent loop, generating with the very module being trained (`hf` engine).
+   of each through the agent loop, generating with the very module being trained (`hf` engine) or
+   with a vLLM copy colocated on the same GPU (`vllm` engine, `rollout.vllm`).
 2. Score every trajectory with the configured reward functions (`mmsearch.rewards`). With DAPO's
    dynamic sampling, groups whose rewards are all equal are dropped and more questions rolled out.
 3. Scoring pass without gradients: the trainer's log-probs of the generated tokens (not when the step
@@ -14,18 +15,21 @@ One step:
 5. K passes of mini-batch updates of the clipped surrogate over the generated tokens only (the loss
    mask, DESIGN.md invariant 2); every mini-batch's loss is normalised over the whole mini-batch
    across ranks, whatever the micro-batching.
-6. Push the weights to the engine (nothing to copy for `hf`), log (the engine/trainer mismatch every
-   step, the likelihood probe every `lld_probe_every` steps), check for collapse, checkpoint, eval.
+6. Push the weights to the engine (nothing to copy for `hf`; `vllm` loads them, LoRA merged), log (the
+   engine/trainer mismatch every step, the likelihood probe every `lld_probe_every` steps), check for
+   collapse, checkpoint, eval.
 
 How it departs from textbook GRPO (DeepSeekMath): no KL term by default (kl_coef=0, as DAPO and
 Dr. GRPO argue; no reference model is even loaded), a constant small learning rate, tool outputs
 masked out of the loss, and old log-probs that are the trainer's (recomputed before the update unless the
 step is exactly on-policy, `algorithm.old_logprobs`) so the engine's numerics only enter through the
-(optional) truncated importance-sampling correction.
+truncated importance-sampling correction (optional with `hf`; required with `vllm`, whose separate copy
+never scores exactly as the trainer does).
 
 Launch: `mmsearch rl --config configs/rl/tiny.yaml --model runs/sft/final --data runs/dataset
---index runs/index --out runs/rl`; on several GPUs `torchrun --nproc_per_node N $(which mmsearch) rl ...`
-(each rank rolls out its own share of whole groups; gradients are all-reduced by DDP).
+--index runs/index --out runs/rl`; on a GPU with vLLM rollouts add `rollout.engine=vllm algorithm.tis_cap=2`;
+on several GPUs `torchrun --nproc_per_node N $(which mmsearch) rl ...` (each rank rolls out its own share
+of whole groups, with its own colocated vLLM under `rollout.engine=vllm`; gradients are all-reduced by DDP).
 """
 
 from __future__ import annotations
@@ -137,7 +141,9 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
         if info.is_main:
             print(f"resuming from {resume_from} at step {state['step']}")
 
-    rollouts = Rollouts(cfg, hf_model(model), processor, info.rank)
+    rollouts = Rollouts(cfg, model, processor, info.rank)
+    # the engine starts from exactly the trainer's weights (a resumed run's, LoRA merged); nothing to copy for hf
+    rollouts.push_weights()
     metrics = None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -212,6 +218,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}")
         if verdict is not None:
             _act_on_collapse(cfg, out, verdict, guard, model, parallel, info)
+            rollouts.push_weights()  # a rollback changed the weights the engine must generate with
             continue
         saving = bool(cfg.save_every) and step % cfg.save_every == 0 and step < cfg.steps
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:

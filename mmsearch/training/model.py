@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -54,16 +56,27 @@ def save_hf(model: nn.Module, processor, out: Path, state_dict: dict | None = No
     processor.save_pretrained(out)
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def merged_weights(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The policy's weights under the plain Hugging Face names, LoRA deltas merged in, valid inside the block.
+
+    The tensors are the model's own (no copy): with LoRA the adapters are merged into the base weights
+    on entry and taken out again on exit, so anything kept past the block must be copied.
+    """
+    peft = hasattr(model, "get_base_model")
+    if peft:
+        with torch.no_grad():
+            model.merge_adapter()
+    try:
+        yield [(name.replace(".base_layer.", "."), tensor.detach())
+               for name, tensor in hf_model(model).state_dict().items() if "lora_" not in name]
+    finally:
+        if peft:
+            with torch.no_grad():
+                model.unmerge_adapter()
+
+
 def merged_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict with every LoRA delta added in, under the original names."""
-    model.merge_adapter()
-    try:
-        state = {}
-        for name, tensor in hf_model(model).state_dict().items():
-            if "lora_" in name:
-                continue
-            state[name.replace(".base_layer.", ".")] = tensor.detach().clone()
-    finally:
-        model.unmerge_adapter()
-    return state
+    with merged_weights(model) as weights:
+        return {name: tensor.clone() for name, tensor in weights}
