@@ -272,3 +272,59 @@ def test_other_qwen_families(world_dir, hf_engine, scene, family):
         assert [o.token_ids for o in cached] == [o.token_ids for o in reference]
         for a, b in zip(cached, reference):
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_done_rows_leave_the_batch_and_their_cache_rows_carry_on(world_dir, hf_engine, scene):
+    """Rows whose token limit comes first leave the decode batch at once (later steps run on fewer
+    rows), their cache rows are set aside and gathered, with the rows that went on, into the next
+    turn's batch; tokens and log-probs stay those of the reference, turn by turn."""
+    builder = TrajectoryBuilder(hf_engine.processor)
+    thumb = Image.open(next((world_dir / "images").rglob("*.png"))).convert("RGB").resize((90, 70))
+    engines = _engines(hf_engine)
+    states = [[builder.start("e", i, "You are a test.", "Which nation?" * (i + 1), [scene]) for i in range(4)]
+              for _ in engines]
+    limits = [[2, 5, 9, 12], [12, 3, 7, 1], [6, 6, 11, 4]]  # per turn, per trajectory
+    for turn, turn_limits in enumerate(limits):
+        results = []
+        for engine, trajectories in zip(engines, states):
+            requests = [GenerationRequest(t.token_ids, t.images, t.pixel_tensor(), t.grid_tensor(), trajectory=t,
+                                          max_new_tokens=n) for t, n in zip(trajectories, turn_limits)]
+            with ForwardLog(hf_engine.model) as log:
+                outputs = engine.generate(requests, SamplingParams(temperature=1.0, max_new_tokens=12, seed=turn),
+                                          [builder.end_of_turn_id])
+            _grow(builder, trajectories, outputs, thumb, turn % 2)
+            results.append((outputs, log))
+        (cached, log), (reference, _) = results
+        assert [o.token_ids for o in cached] == [o.token_ids for o in reference]
+        for a, b in zip(cached, reference):
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+        # one forward per step after the first; each row is fed only until its output's last step
+        lengths = [len(o.token_ids) for o in cached]
+        decode_rows = [rows for rows, columns, _ in log.calls[1:]]
+        assert decode_rows == [sum(n > step + 1 for n in lengths) for step in range(max(lengths) - 1)]
+        assert min(decode_rows) < len(lengths)
+
+
+def test_gathered_rows_drop_masked_gaps_and_the_buffer_grows_in_place():
+    """gather_rows packs each row's own columns to the right (masked gaps are dropped) with room to
+    spare; a BufferLayer writes in place and grows only when that room runs out."""
+    from mmsearch.engines.turn_cache import BufferLayer, CachedBatch, gather_rows
+
+    keys = torch.arange(2 * 1 * 5 * 2, dtype=torch.float32).view(2, 1, 5, 2)
+    a = CachedBatch([(keys, -keys)], torch.tensor([[0, 1, 0, 1, 1], [1, 0, 0, 0, 1]]))
+    b = CachedBatch([(keys[:1, :, :2] + 100, -keys[:1, :, :2] - 100)], torch.tensor([[1, 1]]))
+    cache, mask = gather_rows([(a, 1), (b, 0), (a, 0)], room=4)
+    assert mask.tolist() == [[0, 1, 1], [0, 1, 1], [1, 1, 1]]
+    layer = cache.layers[0]
+    assert layer.keys.shape == (3, 1, 3, 2) and layer.buffers[0].shape[2] == 3 + 4
+    for row, (source, index) in enumerate([(a, 1), (b, 0), (a, 0)]):
+        own = source.kv[0][0][index, :, source.mask[index].bool()]
+        assert torch.equal(layer.keys[row, :, 3 - own.shape[1]:], own)
+        assert torch.equal(layer.values[row, :, 3 - own.shape[1]:], -own)
+    buffer = layer.buffers[0]
+    layer.update(torch.ones(3, 1, 4, 2), torch.ones(3, 1, 4, 2))
+    assert layer.buffers[0] is buffer and layer.keys.shape[2] == 7  # written in place
+    layer.update(torch.full((3, 1, 1, 2), 2.0), torch.full((3, 1, 1, 2), 2.0))
+    assert layer.keys.shape[2] == 8 and layer.buffers[0].shape[2] >= 8
+    assert torch.equal(layer.keys[:, :, 3:7], torch.ones(3, 1, 4, 2)) and bool((layer.keys[:, :, 7] == 2).all())
+    assert isinstance(layer, BufferLayer)

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from mmsearch.engines.base import GenerationOutput, GenerationRequest, SamplingParams
-from mmsearch.engines.turn_cache import CachedBatch, CachedRow, TurnCache, gather_rows
+from mmsearch.engines.turn_cache import CachedBatch, CachedRow, KVBuffer, TurnCache, gather_rows
 
 
 def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None = None) -> torch.Tensor:
@@ -120,7 +120,8 @@ class _Prefilled:
 
     def select(self, index: torch.Tensor) -> None:
         self.cache.batch_select_indices(index)
-        self.mask, self.next_position, self.logits = self.mask[index], self.next_position[index], self.logits[index]
+        self.mask, self.next_position = self.mask[index], self.next_position[index]
+        self.logits = None if self.logits is None else self.logits[index]
 
 
 class HFEngine:
@@ -247,9 +248,10 @@ class HFEngine:
         n = next((i for i, t in enumerate(first[:n]) if t in vision), n)
         return n if n >= MIN_SHARED_PREFIX else 0
 
-    def _prefix_cache(self, prefix_ids: torch.Tensor, batch: int):
-        """The shared prefix's KV cache, computed once and repeated for every row of the batch."""
-        out = self.model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), use_cache=True)
+    def _prefix_cache(self, prefix_ids: torch.Tensor, batch: int, cache: DynamicCache | None = None):
+        """The shared prefix's KV cache (in `cache` if given), computed once and repeated for every row of the batch."""
+        out = self.model(input_ids=prefix_ids, attention_mask=torch.ones_like(prefix_ids), use_cache=True,
+                         **({self.cache_arg: cache} if cache is not None else {}))
         cache = getattr(out, self.cache_arg)
         cache.batch_repeat_interleave(batch)
         return cache
@@ -283,35 +285,39 @@ class HFEngine:
     @torch.inference_mode()
     def _generate_cached(self, requests: list[GenerationRequest], params: SamplingParams,
                          stop_token_ids: list[int]) -> tuple[list[GenerationOutput], list[CachedRow]]:
-        state = self._prefill(requests)
         limits = self._limits(requests, params)
-        tokens, logprobs = self._decode(state, params, stop_token_ids, limits)
+        state = self._prefill(requests, room=max(limits))
+        start = state.next_position
+        tokens, logprobs, placement = self._decode(state, params, stop_token_ids, limits)
         outputs = self._cut(tokens, logprobs.cpu(), limits, stop_token_ids)
-        return outputs, self._rows_after(requests, outputs, state, fed=tokens.shape[1] - 1)
+        return outputs, self._rows_after(requests, outputs, start, placement)
 
-    def _prefill(self, requests: list[GenerationRequest]) -> _Prefilled:
-        """Continue the cached rows when every request continues one; otherwise encode the prompts afresh."""
+    def _prefill(self, requests: list[GenerationRequest], room: int) -> _Prefilled:
+        """Continue the cached rows when every request continues one; otherwise encode the prompts afresh.
+        The cache is allocated once, with `room` columns to spare for the tokens decoding will feed."""
         rows = [self.turns.take(r) for r in requests]
-        return self._prefill_rows(requests, rows) if all(rows) else self._prefill_prompts(requests)
+        return self._prefill_rows(requests, rows, room) if all(rows) else self._prefill_prompts(requests, room)
 
-    def _prefill_prompts(self, requests: list[GenerationRequest]) -> _Prefilled:
+    def _prefill_prompts(self, requests: list[GenerationRequest], room: int) -> _Prefilled:
         """Encode each distinct prompt once (the G samples of an example share one), then give every
         request its prompt's cache row. Distinct prompts still share their common text prefix."""
         group, prompts = _prompt_groups(requests)
         prefix = self.shared_prefix_len(prompts)
         inputs = self.batch_inputs(prompts, prefix)
         positions = self._positions(inputs)
-        cache = self._prefix_cache(inputs["input_ids"][:1, :prefix], len(prompts)) if prefix else None
+        cache = KVBuffer(inputs["input_ids"].shape[1] + room)
+        if prefix:
+            cache = self._prefix_cache(inputs["input_ids"][:1, :prefix], len(prompts), cache)
         state = _Prefilled(cache, inputs["attention_mask"], positions.amax(dim=(0, 2)) + 1)
         state.logits = self._forward(state, inputs["input_ids"][:, prefix:], positions[:, :, prefix:], inputs)
         if len(prompts) < len(requests):
             state.select(torch.tensor(group, device=self.device))
         return state
 
-    def _prefill_rows(self, requests: list[GenerationRequest], rows: list[CachedRow]) -> _Prefilled:
+    def _prefill_rows(self, requests: list[GenerationRequest], rows: list[CachedRow], room: int) -> _Prefilled:
         """Encode only what each cached row lacks; its positions continue from the row's own."""
-        cache, mask = gather_rows([(row.batch, row.index) for row in rows])
         inputs = self.batch_inputs([row.delta(r) for r, row in zip(requests, rows)])
+        cache, mask = gather_rows([(row.batch, row.index) for row in rows], room=inputs["input_ids"].shape[1] + room)
         start = torch.tensor([row.next_position for row in rows], device=self.device)
         positions = self._positions(inputs) + start[None, :, None]
         state = _Prefilled(cache, torch.cat([mask, inputs["attention_mask"]], dim=1), positions.amax(dim=(0, 2)) + 1)
@@ -335,15 +341,22 @@ class HFEngine:
         return out.logits[:, -1].float()
 
     def _decode(self, state: _Prefilled, params: SamplingParams, stop_token_ids: list[int],
-                limits: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, steps) tokens and log-probs, sampled until every row stopped or reached its limit.
+                limits: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[CachedBatch, int]]]:
+        """(rows, steps) tokens and log-probs, sampled until every row stopped or reached its limit, and
+        where each row's cache ended up: (batch, row in it).
 
-        Every row is sampled at every step, finished or not, so the random draws are generate()'s.
+        A row that is done leaves the batch at once: its cache row (every token but its last, which
+        was sampled and never fed) is set aside as a batch of its own, and the forward passes go on
+        with the rows still decoding. Every row is still sampled at every step (a done row from its
+        last logits; what it draws is cut off), so the random draws are generate()'s: torch draws a
+        row's sample from that row's own slice of one noise tensor over the whole batch.
         """
         scores, steps = TokenScores(params), max(limits)
         stops = torch.tensor(stop_token_ids, device=self.device)
         limit = torch.tensor(limits, device=self.device)
-        stopped = torch.zeros(len(limits), dtype=torch.bool, device=self.device)
+        done = torch.zeros(len(limits), dtype=torch.bool, device=self.device)
+        active = torch.arange(len(limits), device=self.device)  # the request each row of `state` decodes
+        placement: list[tuple[CachedBatch, int] | None] = [None] * len(limits)
         if params.seed is not None:
             torch.manual_seed(params.seed)
         tokens, logprobs = [], []
@@ -352,27 +365,36 @@ class HFEngine:
             token, logprob = scores.choose(logits)
             tokens.append(token)
             logprobs.append(logprob)
-            stopped |= torch.isin(token, stops)
-            if step + 1 == steps or bool((stopped | (limit <= step + 1)).all()):
+            done |= torch.isin(token, stops) | (limit <= step + 1)
+            if step + 1 == steps or bool(done.all()):
                 break
+            finished = done[active]
+            if bool(finished.any()):
+                leaving = finished.nonzero().squeeze(1)
+                aside = CachedBatch.of(state.cache, state.mask, leaving)
+                for i, row in enumerate(active[leaving].tolist()):
+                    placement[row] = (aside, i)
+                staying = (~finished).nonzero().squeeze(1)
+                state.select(staying)
+                active = active[staying]
             state.mask = F.pad(state.mask, (0, 1), value=1)
             position = (state.next_position + step)[None, :, None].expand(3, -1, 1)
-            logits = self._forward(state, token[:, None], position)
-        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+            fed = self._forward(state, token[active, None], position)
+            if len(active) == len(limits):
+                logits = fed
+            else:
+                logits = logits.clone()
+                logits[active] = fed
+        last = CachedBatch.of(state.cache, state.mask)
+        for i, row in enumerate(active.tolist()):
+            placement[row] = (last, i)
+        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1), placement
 
-    def _rows_after(self, requests: list[GenerationRequest], outputs: list[GenerationOutput], state: _Prefilled,
-                    fed: int) -> list[CachedRow]:
-        """The rows to keep: each holds its request and its output but the output's last token.
-
-        Columns fed after a row's output ended (it stopped or hit its limit while others went on)
-        are masked off.
-        """
-        lengths = torch.tensor([len(out.token_ids) for out in outputs], device=self.device)
-        if fed:
-            state.mask[:, -fed:] = torch.arange(fed, device=self.device)[None, :] < (lengths - 1)[:, None]
-        batch = CachedBatch(state.cache, state.mask)
+    def _rows_after(self, requests: list[GenerationRequest], outputs: list[GenerationOutput], start: torch.Tensor,
+                    placement: list[tuple[CachedBatch, int]]) -> list[CachedRow]:
+        """The rows to keep: each holds its request and its output but the output's last token."""
         return [CachedRow(r.trajectory, r.token_ids + out.token_ids[:-1], _n_images(r),
-                          int(state.next_position[i]) + len(out.token_ids) - 1, batch, i)
+                          int(start[i]) + len(out.token_ids) - 1, *placement[i])
                 for i, (r, out) in enumerate(zip(requests, outputs)) if r.trajectory is not None]
 
 

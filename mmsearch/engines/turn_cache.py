@@ -6,24 +6,100 @@ with exactly those tokens, so only the rest — that last token, the tool respon
 images, the next assistant header — has to be encoded. Rows live in batches whose columns are not
 aligned across rows (left padding, rows that stopped early, deltas of different lengths); a 0/1
 column mask says which columns are a row's own tokens, and positions are tracked per row.
+A call's cache is a KVBuffer, allocated once with room for what the call will decode and written
+in place; gathering rows for the next call packs each row's own columns together.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from mmsearch.engines.base import GenerationRequest
 
 
+class BufferLayer(DynamicLayer):
+    """A cache layer whose keys and values live in buffers allocated once with room for `capacity`
+    columns: each update writes its columns in place (growing the buffers only if they are full),
+    and `keys`/`values` are views of the columns written so far. DynamicLayer concatenates instead,
+    copying the whole cache at every decode step."""
+
+    def __init__(self, capacity: int = 0):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.buffers = [s.new_empty((*s.shape[:2], self.capacity, s.shape[3])) for s in (key_states, value_states)]
+        self.is_initialized = True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = (b[:, :, :self.length] for b in self.buffers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.buffers[0].shape[-2]:
+            self.buffers = [F.pad(b[:, :, :self.length], (0, 0, 0, max(end, 2 * b.shape[-2]) - self.length))
+                            for b in self.buffers]
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer[:, :, self.length:end] = states
+        self.length = end
+        self._views()
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.buffers = [b.repeat_interleave(repeats, dim=0) for b in self.buffers]
+            self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.buffers = [b[indices] for b in self.buffers]
+            self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("BufferLayer is not croppable")
+
+    def reset(self) -> None:
+        self.length = 0
+        super().reset()
+
+
+class KVBuffer(DynamicCache):
+    """A DynamicCache of BufferLayers with room for `capacity` columns, optionally holding `data`
+    ((keys, values) per layer, (rows, heads, columns, head_dim)) in its first columns."""
+
+    is_croppable = False
+
+    def __init__(self, capacity: int, data: list[tuple[torch.Tensor, torch.Tensor]] = ()):
+        super().__init__()
+        self.layer_class_to_replicate = partial(BufferLayer, capacity)
+        for keys, values in data:
+            self.layers.append(BufferLayer(capacity))
+            self.layers[-1].update(keys, values)
+
+
 @dataclass
 class CachedBatch:
-    cache: DynamicCache
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (rows, heads, columns, head_dim)
     mask: torch.Tensor  # (rows, columns): 1 where the column holds the row's own token
+
+    @classmethod
+    def of(cls, cache: DynamicCache, mask: torch.Tensor, rows: torch.Tensor | None = None) -> CachedBatch:
+        """The batch's rows (all, or a copy of `rows`) as they stand in `cache`."""
+        if rows is None:
+            return cls([(layer.keys, layer.values) for layer in cache.layers], mask)
+        return cls([(layer.keys[rows], layer.values[rows]) for layer in cache.layers], mask[rows])
 
 
 @dataclass
@@ -68,25 +144,40 @@ class TurnCache:
         self.rows = {}
 
 
-def gather_rows(sources: list[tuple[CachedBatch, int]]) -> tuple[DynamicCache, torch.Tensor]:
-    """A new cache and column mask holding the given (batch, row) rows in order.
+def gather_rows(sources: list[tuple[CachedBatch, int]], room: int) -> tuple[KVBuffer, torch.Tensor]:
+    """A new cache, with room for `room` more columns, and its column mask, holding the given (batch, row) rows in order.
 
-    Rows may come from several batches (the engine splits calls into chunks of `max_batch`, and a
-    chunk regroups as trajectories finish); narrower batches are left-padded with masked columns.
-    Only a row's order of columns matters: positions are explicit and the mask hides the rest.
+    Rows may come from several batches (the engine splits calls into chunks of `max_batch`, a chunk
+    regroups as trajectories finish, rows that finish early leave their batch mid-turn). Each row's
+    own columns are packed to the right, in their order, so the masked gaps that left padding and
+    ragged turns leave between them are dropped here, once per turn: the width is the longest row's
+    token count. Only a row's order of columns matters: positions are explicit and the mask hides the rest.
     """
-    batches = list({id(batch): batch for batch, _ in sources}.values())
-    width = max(batch.mask.shape[1] for batch in batches)
-    order, masks, layers = [], [], []
-    for batch in batches:
+    counts = {}  # by batch: the batch, and each of its rows' own columns
+    for batch, _ in sources:
+        counts.setdefault(id(batch), (batch, batch.mask.sum(1)))
+    width = max(int(counts[id(batch)][1][index]) for batch, index in sources)
+    first = sources[0][0]
+    device = first.mask.device
+    mask = first.mask.new_zeros((len(sources), width))
+    data = [tuple(s.new_zeros((len(sources), s.shape[1], width + room, s.shape[3])) for s in kv) for kv in first.kv]
+    for batch, _ in counts.values():
         picked = [i for i, (source, _) in enumerate(sources) if source is batch]
-        index = torch.tensor([sources[i][1] for i in picked], device=batch.mask.device)
-        pad = width - batch.mask.shape[1]
-        order += picked
-        masks.append(F.pad(batch.mask[index], (pad, 0)))
-        layers.append([(F.pad(layer.keys[index], (0, 0, pad, 0)), F.pad(layer.values[index], (0, 0, pad, 0)))
-                       for layer in batch.cache.layers])
-    restore = torch.tensor(order, device=masks[0].device).argsort()
-    data = [(torch.cat([kv[i][0] for kv in layers])[restore], torch.cat([kv[i][1] for kv in layers])[restore])
-            for i in range(len(layers[0]))]
-    return DynamicCache(ddp_cache_data=data), torch.cat(masks)[restore]
+        rows = torch.tensor([sources[i][1] for i in picked], device=device)
+        to = torch.tensor(picked, device=device)
+        own = batch.mask[rows]
+        keep = min(own.shape[1], width)
+        columns = own.sort(dim=1, stable=True).indices[:, own.shape[1] - keep:]  # masked columns first, then the row's own
+        mask[to, width - keep:] = own.gather(1, columns)
+        heads = torch.arange(batch.kv[0][0].shape[1], device=device)
+        for (keys, values), (new_keys, new_values) in zip(batch.kv, data):
+            at = (rows[:, None, None], heads[None, :, None], columns[:, None, :])
+            new_keys[to, :, width - keep:width] = keys[at]
+            new_values[to, :, width - keep:width] = values[at]
+    cache = KVBuffer(width + room)
+    for new_keys, new_values in data:
+        layer = BufferLayer(width + room)
+        layer.device, layer.buffers, layer.length, layer.is_initialized = device, [new_keys, new_values], width, True
+        layer._views()
+        cache.layers.append(layer)
+    return cache, mask
