@@ -356,7 +356,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128, help="per turn")
     ap.add_argument("--turns", type=int, default=2)
     ap.add_argument("--micro", type=int, default=8, help="trajectories per micro-batch")
-    ap.add_argument("--steps", type=int, default=2, help="RL steps (step 1 also runs the no-cache rollout)")
+    ap.add_argument("--steps", type=int, default=2, help="RL steps (each also runs the no-cache rollout for comparison)")
     ap.add_argument("--max-pixels", type=int, default=0,
                     help="the image processor's pixel budget (0: the processor's own; 3b default 12845056, Qwen's)")
     ap.add_argument("--fp32-master", action="store_true", help="then scoring + update once on fp32 weights")
@@ -417,11 +417,11 @@ def main() -> None:
         seed = args.seed + 1000 * step
         trajectories, cached_ids, _ = rollout(clock, engine, builder, system, image, args, seed,
                                               f"s{step} rollout (turn cache)")
-        if step == 1:
-            _, plain_ids, _ = rollout(clock, reference, builder, system, image, args, seed,
-                                      f"s{step} rollout (cache_turns=False)")
-            comparison = compare(cached_ids, plain_ids)
-            print(f"  identical tokens, cached vs generate(): {comparison['identical_token_share']:.3f}", flush=True)
+        # every step, so that a warm step compares the two paths (the first calls at full shapes are slow)
+        _, plain_ids, _ = rollout(clock, reference, builder, system, image, args, seed,
+                                  f"s{step} rollout (cache_turns=False)")
+        comparison = compare(cached_ids, plain_ids)
+        print(f"  identical tokens, cached vs generate(): {comparison['identical_token_share']:.3f}", flush=True)
         if clock.cuda:
             torch.cuda.empty_cache()
         old, _ = score(clock, model, trajectories, args, pad_id, config.image_token_id, autocast,
