@@ -396,11 +396,19 @@ def run_trl(cfg: RLConfig, mode: str, order: list[str], driven: Driven, micro_ba
         rewards.extend(scores)
         return scores
 
+    def timed(key: str, call):
+        """`call`, adding its wall time to clock[key]."""
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                clock[key] += time.perf_counter() - t0
+        return run
+
     class TimedGRPOTrainer(GRPOTrainer):
         def _generate(self, prompts):
-            t0 = time.perf_counter()
-            out = super()._generate(prompts)
-            clock["rollout"] += time.perf_counter() - t0
+            out = timed("rollout", super()._generate)(prompts)
             completion_ids, tool_mask, completions = out[1], out[2], out[3]
             counts["trajectories"] = counts.get("trajectories", 0) + len(completion_ids)
             counts["trained_tokens"] = counts.get("trained_tokens", 0) + (
@@ -410,34 +418,17 @@ def run_trl(cfg: RLConfig, mode: str, order: list[str], driven: Driven, micro_ba
             return out
 
         def _calculate_rewards(self, *args, **kwargs):
-            t0 = time.perf_counter()
-            out = super()._calculate_rewards(*args, **kwargs)
-            clock["reward"] += time.perf_counter() - t0
-            return out
+            return timed("reward", super()._calculate_rewards)(*args, **kwargs)
 
         def _generate_and_score_completions(self, inputs):
-            t0 = time.perf_counter()
-            out = super()._generate_and_score_completions(inputs)
-            clock["prepare"] += time.perf_counter() - t0
-            return out
+            return timed("prepare", super()._generate_and_score_completions)(inputs)
 
         def training_step(self, *args, **kwargs):
-            t0 = time.perf_counter()
-            out = super().training_step(*args, **kwargs)
-            clock["training_step"] += time.perf_counter() - t0
-            return out
+            return timed("training_step", super().training_step)(*args, **kwargs)
 
         def create_optimizer(self, *args, **kwargs):
             optimizer = super().create_optimizer(*args, **kwargs)
-            step = optimizer.step
-
-            def timed_step(*a, **k):
-                t0 = time.perf_counter()
-                out = step(*a, **k)
-                clock["optimizer"] += time.perf_counter() - t0
-                return out
-
-            optimizer.step = timed_step
+            optimizer.step = timed("optimizer", optimizer.step)
             return optimizer
 
     class Driver(TrainerCallback):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 
-from mmsearch.sft.augment import NameSwap, _texts
+from mmsearch.sft.augment import NameSwap, message_texts
 
 ENTITIES = [
     {"id": "n0", "kind": "nation", "name": "Ostrava", "aliases": ["Republic of Ostrava"]},
@@ -32,7 +32,7 @@ def row(nation: str, city: str, alias: str) -> list[dict]:
 
 def training_swap() -> NameSwap:
     rows = [row("Ostrava", "Tessk", "Republic of Ostrava"), row("Belmar", "Varn", "Belmar"), row("Quillon", "Varn", "Quillon")]
-    return NameSwap(ENTITIES, (t for r in rows for t in _texts(r)))
+    return NameSwap(ENTITIES, (t for r in rows for t in message_texts(r)))
 
 
 def test_swap_renames_every_mention_consistently_within_kind():

@@ -76,17 +76,13 @@ class BufferLayer(DynamicLayer):
 
 
 class KVBuffer(DynamicCache):
-    """A DynamicCache of BufferLayers with room for `capacity` columns, optionally holding `data`
-    ((keys, values) per layer, (rows, heads, columns, head_dim)) in its first columns."""
+    """A DynamicCache whose layers are BufferLayers with room for `capacity` columns."""
 
     is_croppable = False
 
-    def __init__(self, capacity: int, data: list[tuple[torch.Tensor, torch.Tensor]] = ()):
+    def __init__(self, capacity: int):
         super().__init__()
         self.layer_class_to_replicate = partial(BufferLayer, capacity)
-        for keys, values in data:
-            self.layers.append(BufferLayer(capacity))
-            self.layers[-1].update(keys, values)
 
 
 @dataclass

@@ -127,7 +127,7 @@ class Rollouts:
 def vllm_dtype(cfg: RLConfig) -> str:
     """The vLLM engine's dtype: rollout.vllm.dtype, or with auto the trainer's precision."""
     dtype = cfg.rollout.vllm.dtype
-    return {"bf16": "bf16", "fp32": "fp32"}[cfg.precision] if dtype == "auto" else dtype
+    return cfg.precision if dtype == "auto" else dtype  # check() allows only fp32 | bf16 as precision
 
 
 def colocated_vllm(cfg: RLConfig, model):

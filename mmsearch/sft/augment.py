@@ -47,7 +47,7 @@ class NameSwap:
 
     def swap(self, messages: list[dict], rng: random.Random) -> list[dict] | None:
         """The messages with every mentioned entity renamed; None when the row mentions none."""
-        mentioned = sorted({self.forms[m.group(0)][0] for text in _texts(messages) for m in self.pattern.finditer(text)})
+        mentioned = sorted({self.forms[m.group(0)][0] for text in message_texts(messages) for m in self.pattern.finditer(text)})
         if not mentioned:
             return None
         new_name = {}
@@ -72,7 +72,7 @@ def _alternation(forms: dict) -> re.Pattern:
     return re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, ordered)) + r")(?!\w)")
 
 
-def _texts(messages: list[dict]) -> Iterable[str]:
+def message_texts(messages: list[dict]) -> Iterable[str]:
     for m in messages[1:]:  # the system prompt names no entity
         content = m["content"]
         if isinstance(content, str):

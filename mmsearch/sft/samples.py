@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmsearch.eval.loaders import LoadReport, SkipRecord, load_examples
 from mmsearch.example import Example
 from mmsearch.protocol import parse_action
+from mmsearch.sft.augment import NameSwap, message_texts
 from mmsearch.trajectory import Trajectory, TrajectoryBuilder, assistant_turn_ids
 from tools.base import Toolbox, ToolContext
 from tools.config import ToolsConfig, VisionResizeConfig
@@ -145,11 +147,7 @@ def _data_kb(data: str) -> str:
 
 def _swapped_samples(rows, builder, crops, limits, share: float, kb: str, seed: int) -> list[Trajectory]:
     """Renamed copies of a `share` of the rows (rows that mention no KB entity are left out)."""
-    import random
-
-    from mmsearch.sft.augment import NameSwap, _texts
-
-    swap = NameSwap.from_kb(kb, (text for _, messages, _ in rows for text in _texts(messages)))
+    swap = NameSwap.from_kb(kb, (text for _, messages, _ in rows for text in message_texts(messages)))
     rng = random.Random(seed)
     out = []
     for example, messages, _ in rows:
