@@ -85,10 +85,26 @@ def scene(world_dir):
     return Image.open(world_dir / record["path"]).convert("RGB")
 
 
-def _engines(hf_engine, device: str = "cpu", **kwargs) -> tuple[HFEngine, HFEngine]:
-    model = hf_engine.model if device == "cpu" else copy.deepcopy(hf_engine.model).to(device)
-    return (HFEngine(model, hf_engine.processor, cache_turns=True, **kwargs),
-            HFEngine(model, hf_engine.processor, cache_turns=False, **kwargs))
+@pytest.fixture(scope="module")
+def full_engine(hf_engine) -> HFEngine:
+    """The tiny policy with full attention in every layer (its first layer is windowed).
+
+    transformers' sliding-window layers give left-padded rows log-probs ~5e-4 off the same row
+    alone, so generate() over a padded batch is no exact reference for the windowed policy; the
+    turn cache with windows is checked against unpadded generate() below."""
+    config = copy.deepcopy(hf_engine.model.config)
+    text = config.get_text_config()
+    text.layer_types = ["full_attention"] * text.num_hidden_layers
+    text.use_sliding_window, text.sliding_window = False, None
+    model = type(hf_engine.model)(config).eval()
+    model.load_state_dict(hf_engine.model.state_dict())
+    return HFEngine(model, hf_engine.processor)
+
+
+def _engines(engine, device: str = "cpu", **kwargs) -> tuple[HFEngine, HFEngine]:
+    model = engine.model if device == "cpu" else copy.deepcopy(engine.model).to(device)
+    return (HFEngine(model, engine.processor, cache_turns=True, **kwargs),
+            HFEngine(model, engine.processor, cache_turns=False, **kwargs))
 
 
 class ForwardLog:
@@ -124,14 +140,14 @@ def _assert_same(cached, reference):
 
 @pytest.mark.parametrize("max_batch", [64, 4])
 @pytest.mark.parametrize("sampling", sorted(SAMPLING))
-def test_rollout_with_turn_cache_equals_reencoding(hf_engine, toolbox, scene, sampling, max_batch):
-    builder = TrajectoryBuilder(hf_engine.processor)
+def test_rollout_with_turn_cache_equals_reencoding(full_engine, toolbox, scene, sampling, max_batch):
+    builder = TrajectoryBuilder(full_engine.processor)
     cfg = AgentConfig(max_turns=7, max_new_tokens_per_turn=12, sampling=SAMPLING[sampling])
     examples = [Example(f"ex{i}", "Which nation is this?" + " Really?" * i, [scene], ["Ibrovova"]) for i in SCRIPTS]
-    cached_engine, reference_engine = _engines(hf_engine, max_batch=max_batch)
+    cached_engine, reference_engine = _engines(full_engine, max_batch=max_batch)
     runs = {}
     for name, engine in (("cached", cached_engine), ("reference", reference_engine)):
-        with ForwardLog(hf_engine.model) as log:
+        with ForwardLog(full_engine.model) as log:
             runs[name] = (AgentLoop(PartlyScripted(engine), toolbox, builder, cfg).run(examples, n_samples=2), log)
     (cached, cached_log), (reference, reference_log) = runs["cached"], runs["reference"]
     _assert_same(cached, reference)
@@ -155,16 +171,16 @@ def _grow(builder, trajectories, outputs, thumb, n_images):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_stop_tokens_regrouped_rows_and_a_broken_continuation(world_dir, hf_engine, scene, device):
+def test_stop_tokens_regrouped_rows_and_a_broken_continuation(world_dir, full_engine, scene, device):
     """A row that ends on a stop token while the others go on, rows that leave or come back in
     another order and chunk (`max_batch` 3), images in tool responses, and a request that no
     longer continues its cached row (so it is re-encoded) all match the reference, turn by turn.
     On CUDA too (fp32), where attention kernels differ on masked and padded rows."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    builder = TrajectoryBuilder(hf_engine.processor)
+    builder = TrajectoryBuilder(full_engine.processor)
     thumb = Image.open(next((world_dir / "images").rglob("*.png"))).convert("RGB").resize((90, 70))
-    engines = _engines(hf_engine, device, max_batch=3)
+    engines = _engines(full_engine, device, max_batch=3)
     states = [[builder.start("e", i, "You are a test.", "Which nation?" * (i + 1), [scene]) for i in range(4)]
               for _ in engines]
     params = SamplingParams(temperature=1.0, max_new_tokens=10)
@@ -196,11 +212,11 @@ def test_stop_tokens_regrouped_rows_and_a_broken_continuation(world_dir, hf_engi
             assert cached[0].finish_reason == "stop" and len(cached[0].token_ids) <= 3
 
 
-def test_reset_forgets_rows_so_new_weights_are_used(hf_engine, scene):
+def test_reset_forgets_rows_so_new_weights_are_used(full_engine, scene):
     """After the weights change, reset() makes the next turn re-encode under the new weights."""
-    model = copy.deepcopy(hf_engine.model)
-    cached, reference = HFEngine(model, hf_engine.processor), HFEngine(model, hf_engine.processor, cache_turns=False)
-    builder = TrajectoryBuilder(hf_engine.processor)
+    model = copy.deepcopy(full_engine.model)
+    cached, reference = HFEngine(model, full_engine.processor), HFEngine(model, full_engine.processor, cache_turns=False)
+    builder = TrajectoryBuilder(full_engine.processor)
     params, stops = SamplingParams(temperature=0.0, max_new_tokens=6), [builder.end_of_turn_id]
     traj = builder.start("e", 0, "You are a test.", "Which nation?", [scene])
 
@@ -250,13 +266,13 @@ def _family_model(family: str, tokenizer):
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
-def test_other_qwen_families(world_dir, hf_engine, scene, family):
+def test_other_qwen_families(world_dir, full_engine, scene, family):
     """The cache's positions and image handling hold for Qwen2-VL and Qwen3-VL (interleaved
     multimodal rotary positions, deepstack visual features) as well."""
-    model = _family_model(family, hf_engine.tokenizer)
-    builder = TrajectoryBuilder(hf_engine.processor)
+    model = _family_model(family, full_engine.tokenizer)
+    builder = TrajectoryBuilder(full_engine.processor)
     thumb = Image.open(next((world_dir / "images").rglob("*.png"))).convert("RGB").resize((90, 70))
-    engines = (HFEngine(model, hf_engine.processor), HFEngine(model, hf_engine.processor, cache_turns=False))
+    engines = (HFEngine(model, full_engine.processor), HFEngine(model, full_engine.processor, cache_turns=False))
     states = [[builder.start("e", i, "You are a test.", "Which nation?" * (i + 1), [scene]) for i in range(2)]
               for _ in engines]
     for turn in range(3):
@@ -274,13 +290,13 @@ def test_other_qwen_families(world_dir, hf_engine, scene, family):
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
 
 
-def test_done_rows_leave_the_batch_and_their_cache_rows_carry_on(world_dir, hf_engine, scene):
+def test_done_rows_leave_the_batch_and_their_cache_rows_carry_on(world_dir, full_engine, scene):
     """Rows whose token limit comes first leave the decode batch at once (later steps run on fewer
     rows), their cache rows are set aside and gathered, with the rows that went on, into the next
     turn's batch; tokens and log-probs stay those of the reference, turn by turn."""
-    builder = TrajectoryBuilder(hf_engine.processor)
+    builder = TrajectoryBuilder(full_engine.processor)
     thumb = Image.open(next((world_dir / "images").rglob("*.png"))).convert("RGB").resize((90, 70))
-    engines = _engines(hf_engine)
+    engines = _engines(full_engine)
     states = [[builder.start("e", i, "You are a test.", "Which nation?" * (i + 1), [scene]) for i in range(4)]
               for _ in engines]
     limits = [[2, 5, 9, 12], [12, 3, 7, 1], [6, 6, 11, 4]]  # per turn, per trajectory
@@ -289,7 +305,7 @@ def test_done_rows_leave_the_batch_and_their_cache_rows_carry_on(world_dir, hf_e
         for engine, trajectories in zip(engines, states):
             requests = [GenerationRequest(t.token_ids, t.images, t.pixel_tensor(), t.grid_tensor(), trajectory=t,
                                           max_new_tokens=n) for t, n in zip(trajectories, turn_limits)]
-            with ForwardLog(hf_engine.model) as log:
+            with ForwardLog(full_engine.model) as log:
                 outputs = engine.generate(requests, SamplingParams(temperature=1.0, max_new_tokens=12, seed=turn),
                                           [builder.end_of_turn_id])
             _grow(builder, trajectories, outputs, thumb, turn % 2)
@@ -328,3 +344,35 @@ def test_gathered_rows_drop_masked_gaps_and_the_buffer_grows_in_place():
     assert layer.keys.shape[2] == 8 and layer.buffers[0].shape[2] >= 8
     assert torch.equal(layer.keys[:, :, 3:7], torch.ones(3, 1, 4, 2)) and bool((layer.keys[:, :, 7] == 2).all())
     assert isinstance(layer, BufferLayer)
+
+
+def test_windowed_layers_count_their_window_in_a_rows_own_tokens():
+    """A sliding-window layer's mask over cached columns with gaps: a query sees its row's last
+    `window` own tokens (itself included), however many masked columns lie between them."""
+    from mmsearch.engines.turn_cache import own_column_masks
+
+    columns = torch.tensor([[0, 1, 0, 0, 1, 1, 1],   # own tokens at 1, 4, 5, 6
+                            [1, 1, 1, 0, 0, 1, 0]])  # the last column is padding
+    masks = own_column_masks(columns, queries=2, windows={"sliding_attention": 2, "full_attention": None})
+    sliding, full = masks["sliding_attention"][:, 0], masks["full_attention"][:, 0]
+    assert sliding.shape == (2, 2, 7)
+    assert sliding[0].nonzero().tolist() == [[0, 4], [0, 5], [1, 5], [1, 6]]
+    assert full[0, 1].nonzero().squeeze(1).tolist() == [1, 4, 5, 6]
+    assert sliding[1, 0].nonzero().squeeze(1).tolist() == [2, 5]  # across the gap at 3-4
+    assert sliding[1, 1].nonzero().squeeze(1).tolist() == [6] == full[1, 1].nonzero().squeeze(1).tolist()  # padding: itself
+    eager = own_column_masks(columns, 2, {"sliding_attention": 2}, eager=True)["sliding_attention"]
+    assert eager.dtype == torch.float32 and torch.equal(eager == 0, masks["sliding_attention"])
+
+
+def test_windowed_policy_rollout_with_turn_cache_equals_generate_row_by_row(hf_engine, toolbox, scene):
+    """The default tiny policy (layer 0 windowed): batched cached rollouts through the loop and the
+    real tools equal generate() run on one request at a time (no padding)."""
+    assert hf_engine.windows == {"sliding_attention": 2, "full_attention": None}
+    builder = TrajectoryBuilder(hf_engine.processor)
+    cfg = AgentConfig(max_turns=7, max_new_tokens_per_turn=12, sampling=SAMPLING["greedy"])
+    examples = [Example(f"ex{i}", "Which nation is this?" + " Really?" * i, [scene], ["Ibrovova"]) for i in SCRIPTS]
+    cached_engine = HFEngine(hf_engine.model, hf_engine.processor, max_batch=64)
+    reference_engine = HFEngine(hf_engine.model, hf_engine.processor, cache_turns=False, max_batch=1)
+    cached, reference = (AgentLoop(PartlyScripted(engine), toolbox, builder, cfg).run(examples, n_samples=2)
+                         for engine in (cached_engine, reference_engine))
+    _assert_same(list(cached), list(reference))

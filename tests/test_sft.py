@@ -296,3 +296,23 @@ def test_a_short_run_learns_and_writes_everything(gold_dataset, policy_dir, inde
     AutoModelForImageTextToText.from_pretrained(out / "final")
     with pytest.raises(ValueError, match="finished run"):
         train_sft(cfg, progress=False)
+
+
+def test_a_copy_stage_trains_on_copy_rows_alone(policy_dir, tmp_path):
+    """`data: ""` with copy rows: the stage before SFT (configs/sft/copy.yaml) runs on the same trainer."""
+    cfg = SFTConfig(model=str(policy_dir), data="", out=str(tmp_path / "copy"), max_steps=40, log_every=5)
+    cfg.copy_rows.rows, cfg.copy_rows.min_len, cfg.copy_rows.max_len = 600, 4, 12
+    cfg.batch.tokens_per_batch, cfg.batch.max_seq_tokens = 512, 512
+    cfg.optim.lr, cfg.optim.warmup_steps = 3e-3, 2
+    with pytest.raises(ValueError, match="eval.enabled"):
+        train_sft(cfg, progress=False)
+    cfg.eval.enabled = False
+    train_sft(cfg, progress=False)
+    out = Path(cfg.out)
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train] == list(range(5, 45, 5)) and train[-1]["loss"] < train[0]["loss"] - 0.5
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["samples"] == 600 and report["skipped"] == {}
+    assert (out / "final" / "config.json").is_file()
+    with pytest.raises(ValueError, match="nothing to train on"):
+        SFTConfig(data="", eval=cfg.eval).check()

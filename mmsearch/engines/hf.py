@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from mmsearch.engines.base import GenerationOutput, GenerationRequest, SamplingParams
-from mmsearch.engines.turn_cache import CachedBatch, CachedRow, KVBuffer, TurnCache, gather_rows
+from mmsearch.engines.turn_cache import CachedBatch, CachedRow, KVBuffer, TurnCache, gather_rows, own_column_masks
 
 
 def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None = None) -> torch.Tensor:
@@ -147,6 +147,11 @@ class HFEngine:
         self.image_token_id = config.image_token_id
         self.video_token_id = getattr(config, "video_token_id", None)
         self.vision_start_id = getattr(config, "vision_start_token_id", None)
+        # Layers with a sliding window need masks counted in a row's own tokens (its columns have gaps).
+        text = config.get_text_config()
+        kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+        self.windows = ({kind: text.sliding_window if kind == "sliding_attention" else None for kind in kinds}
+                        if "sliding_attention" in kinds else None)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "auto", dtype: str = "auto", max_batch: int = 64,
@@ -335,7 +340,12 @@ class HFEngine:
                  images: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Feed `input_ids` after the cached columns; the last column's next-token logits (float32)."""
         pixels = {k: images[k] for k in ("pixel_values", "image_grid_thw") if images and k in images}
-        out = self.model(input_ids=input_ids, attention_mask=state.mask, position_ids=positions,
+        mask = state.mask
+        if self.windows:
+            mask = own_column_masks(state.mask, input_ids.shape[1], self.windows,
+                                    eager=self.model.config.get_text_config()._attn_implementation == "eager",
+                                    dtype=self.model.dtype)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1, **{self.cache_arg: state.cache}, **pixels)
         state.cache = getattr(out, self.cache_arg)
         return out.logits[:, -1].float()

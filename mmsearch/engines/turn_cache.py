@@ -177,3 +177,36 @@ def gather_rows(sources: list[tuple[CachedBatch, int]], room: int) -> tuple[KVBu
         layer._views()
         cache.layers.append(layer)
     return cache, mask
+
+
+def own_column_masks(columns: torch.Tensor, queries: int, windows: dict[str, int | None],
+                     eager: bool = False, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Per layer type, the (rows, 1, queries, columns) attention masks of the last `queries` columns.
+
+    transformers builds a sliding-window mask over column indices, which is right only when a row's
+    tokens sit in adjacent columns; here they have gaps (left padding, ragged deltas), so the
+    window is counted in the row's own tokens instead: a query sees its row's own columns up to
+    itself, and in a windowed layer only the last `window` of them (itself included). A masked
+    query column (padding) sees itself only, so that no attention row is empty (which gives NaN).
+    `windows` maps each layer type to its window (None: the whole causal past). True means attend;
+    with `eager`, additive float masks of `dtype` instead (0 or its minimum).
+    """
+    own = columns.bool()
+    total = own.shape[1]
+    rank = own.long().cumsum(1)  # an own column's 1-based index among its row's own columns
+    query_at = torch.arange(total - queries, total, device=own.device)
+    key_at = torch.arange(total, device=own.device)
+    causal = own[:, None, :] & (key_at[None, None, :] <= query_at[None, :, None])  # (rows, queries, columns)
+    itself = key_at[None, :] == query_at[:, None]
+    padding = ~own[:, total - queries:, None]
+    masks = {}
+    for kind, window in windows.items():
+        allowed = causal
+        if window is not None:
+            behind = rank[:, total - queries:, None] - rank[:, None, :]  # own tokens between query and key
+            allowed = allowed & (behind < window)
+        allowed = torch.where(padding, itself, allowed)[:, None]
+        if eager:
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=own.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        masks[kind] = allowed
+    return masks

@@ -60,6 +60,13 @@ class TinyTextConfig:
     mrope_section: list[int] = field(default_factory=lambda: [4, 6, 6])
     max_position_embeddings: int = 8192
     rope_theta: float = 10000.0
+    # The first `window_layers` layers attend to the last `sliding_window` tokens only (themselves
+    # included; Qwen2's per-layer sliding window). A window of 2 makes every head of layer 0 mix a
+    # token with the one before it, so later layers can match "the token that followed X" from the
+    # first step: copying by content (induction) then forms within a few hundred steps instead of
+    # not at all in the 12-minute budget (README, "Copy circuits"). 0 = full attention everywhere.
+    sliding_window: int = 2
+    window_layers: int = 1
 
 
 @dataclass
@@ -158,6 +165,10 @@ def build_model(tokenizer, cfg: TinyPolicyConfig):
     head_dim = t.hidden_size // t.num_attention_heads
     if sum(t.mrope_section) * 2 != head_dim:
         raise ValueError(f"text.mrope_section {t.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    if t.sliding_window and not 0 < t.window_layers <= t.num_hidden_layers:
+        raise ValueError(f"text.window_layers {t.window_layers} must be in 1..num_hidden_layers ({t.num_hidden_layers})")
+    windowed = t.window_layers if t.sliding_window else 0
+    window = {"use_sliding_window": True, "sliding_window": t.sliding_window} if windowed else {}
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         text_config={
@@ -166,6 +177,8 @@ def build_model(tokenizer, cfg: TinyPolicyConfig):
             "num_key_value_heads": t.num_key_value_heads, "max_position_embeddings": t.max_position_embeddings,
             "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
             "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"), "pad_token_id": ids("<|endoftext|>"),
+            "layer_types": ["sliding_attention"] * windowed + ["full_attention"] * (t.num_hidden_layers - windowed),
+            **window,
         },
         vision_config={
             "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size, "num_heads": v.num_heads,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmsearch.sft.copying import CopyRowsConfig
 from mmsearch.training.config import FreezeConfig, LoraConfig, OptimConfig, PeriodicEvalConfig
 from mmsearch.training.schedule import check_optim
 
@@ -21,7 +22,7 @@ class BatchConfig:
 @dataclass
 class SFTConfig:
     model: str = "runs/policy"  # a Qwen2-VL / Qwen2.5-VL / Qwen3-VL dir or hub name (with its processor)
-    data: str = "runs/dataset"  # a dataset dir from `mmsearch synth` (rows with gold `messages`)
+    data: str = "runs/dataset"  # a dataset dir from `mmsearch synth` (rows with gold `messages`); "": copy rows only
     train_split: str = "train"
     out: str = "runs/sft"
     seed: int = 0
@@ -43,11 +44,18 @@ class SFTConfig:
     # `name_swap_kb`: the KB dir for the names (empty: the one the dataset's synth_info.json records).
     name_swap: float = 0.0
     name_swap_kb: str = ""
+    # Rows of random vocabulary ids read and written back, added to the samples (mmsearch/sft/copying.py).
+    copy_rows: CopyRowsConfig = field(default_factory=CopyRowsConfig)
 
     def check(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         check_optim(self.optim)
+        self.copy_rows.check()
+        if not self.data and not self.copy_rows.rows:
+            raise ValueError("set data (a dataset dir) or copy_rows.rows > 0: there is nothing to train on")
+        if not self.data and self.eval.enabled:
+            raise ValueError("eval needs data (its validation split): set eval.enabled: false for a copy stage")
         if self.batch.tokens_per_batch < self.batch.max_seq_tokens:
             raise ValueError(f"batch.tokens_per_batch ({self.batch.tokens_per_batch}) must be >= batch.max_seq_tokens "
                              f"({self.batch.max_seq_tokens}) so the longest sample fits a micro-batch")

@@ -23,6 +23,8 @@ from tqdm import tqdm
 from mmsearch.config import to_yaml
 from mmsearch.logprobs import TRAIN_INPUTS, collate
 from mmsearch.sft.config import SFTConfig
+from mmsearch.eval.loaders import LoadReport
+from mmsearch.sft.copying import copy_rows
 from mmsearch.sft.loss import CausalLMLoss, window_scale
 from mmsearch.sft.samples import SampleLimits, load_samples
 from mmsearch.training.batching import plan_epoch, rank_share
@@ -72,10 +74,14 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     builder = TrajectoryBuilder(processor)
     vision = vision_from_processor(processor, VisionResizeConfig())
     limits = SampleLimits(cfg.batch.max_tool_response_tokens, cfg.batch.max_seq_tokens)
-    samples, report = load_samples(cfg.data, cfg.train_split, builder, vision, limits,
-                                   name_swap=cfg.name_swap, kb=cfg.name_swap_kb, seed=cfg.seed)
-    if not samples:
-        raise ValueError(f"no trainable samples in {cfg.data}[{cfg.train_split}] ({report})")
+    if cfg.data:
+        samples, report = load_samples(cfg.data, cfg.train_split, builder, vision, limits,
+                                       name_swap=cfg.name_swap, kb=cfg.name_swap_kb, seed=cfg.seed)
+        if not samples:
+            raise ValueError(f"no trainable samples in {cfg.data}[{cfg.train_split}] ({report})")
+    else:  # a copy stage: copy rows only (configs/sft/copy.yaml)
+        samples, report = [], LoadReport()
+    samples += copy_rows(processor.tokenizer, cfg.copy_rows, cfg.seed)
     lengths = [len(s.token_ids) for s in samples]
     trained_tokens = [sum(s.loss_mask[1:]) for s in samples]
 
