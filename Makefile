@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# world -> CLIP -> indexes -> a few tool calls -> tiny policy -> dataset (gold trajectories) -> SFT -> ask + eval
+# world -> CLIP -> indexes -> a few tool calls -> tiny policy -> dataset (gold trajectories) -> copy stage -> SFT -> ask + eval
 # -> RL -> eval -> the before/after table, all offline.
 # A rerun reuses the finished SFT and RL runs in $(RUN)/sft and $(RUN)/rl (--resume); delete them to train again.
 demo: install
@@ -29,7 +29,8 @@ demo: install
 	$(BIN)/mmsearch synth --config configs/synth/default.yaml --kb $(RUN)/world --index $(RUN)/index --out $(RUN)/dataset \
 		--n 4000 --seed $(SEED) --processor $(RUN)/policy --push-format sharegpt
 	sed -n '/^## Splits/,/^## How it was made/p;/^## Histograms/,$$p' $(RUN)/dataset/card.md
-	$(BIN)/mmsearch sft --config configs/sft/tiny.yaml --model $(RUN)/policy --data $(RUN)/dataset --index $(RUN)/index \
+	$(BIN)/mmsearch sft --config configs/sft/copy.yaml --model $(RUN)/policy --out $(RUN)/copy --resume
+	$(BIN)/mmsearch sft --config configs/sft/tiny.yaml --model $(RUN)/copy/final --data $(RUN)/dataset --index $(RUN)/index \
 		--out $(RUN)/sft --resume
 	$(BIN)/mmsearch ask --model $(RUN)/sft/final --index $(RUN)/index --image $(RUN)/world/scenes/scene_000000.png \
 		"What is the capital of the nation whose flag is at the top left?" --out $(RUN)/ask

@@ -44,20 +44,30 @@ def _held_out_names(world_dir: Path, cfg: SynthConfig) -> set[str]:
 def terse(world_dir: Path, toolbox, policy_dir: Path, tmp_path_factory) -> tuple[Path, SynthConfig]:
     out = tmp_path_factory.mktemp("synth") / "terse"
     cfg = SynthConfig(kb=str(world_dir), out=str(out), n=60, seed=1, chunk=32, processor=str(policy_dir),
-                      gold=GoldConfig(think="terse", image_k=1, text_k=3))
+                      gold=GoldConfig(think="terse", image_k=1, text_k=3, names_after_space=True))
     run_synth(cfg, toolbox=toolbox, progress=False)
     return out, cfg
 
 
-def test_terse_turns_are_short_and_queries_canonical(terse):
+def _holds(ids: list[int], part: list[int]) -> bool:
+    return any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+def test_terse_turns_are_short_and_queries_canonical(terse, policy_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     out, _ = terse
     rows = _rows(out)
     assert sum(r["requires_search"] for r in rows) >= 10
     for row in rows:
-        assistants = [parse_action(m["content"]) for m in row["messages"] if m["role"] == "assistant"]
+        turns = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        assistants = [parse_action(turn) for turn in turns]
         assert all(a.is_valid for a in assistants)
         assert assistants[-1].kind == "answer" and assistants[-1].answer == row["answers"][0]
         assert assistants[-1].thinking == "answer"
+        assert turns[-1].endswith(f"<answer> {row['answers'][0]}</answer>")  # the answer after a space
         calls = [a for a in assistants if a.kind == "tool_call"]
         texts = [a for a in calls if a.name == "text_search"]
         assert len(texts) == len(row["meta"].get("path", []))
@@ -65,15 +75,18 @@ def test_terse_turns_are_short_and_queries_canonical(terse):
             assert call.thinking in ("search image", "search text", f"crop {row['meta'].get('position')}")
             if call.name == "image_search":
                 assert call.arguments["k"] == 1
-        # each query is the canonical one for its hop: the relation's first query form with the subject's name
+        # each query is the canonical one for its hop: the relation's words, then the subject's name
         results = [m["content"][0]["text"] for m in row["messages"] if m["role"] == "tool"]
         for hop, call in zip(row["meta"].get("path", []), texts):
             assert call.arguments["k"] == 3
-            forms = T.FACT_TEMPLATES[hop["relation"]][1] if hop["entity"] is None else T.RELATION_QUERY[hop["relation"]]
-            pattern = re.escape(forms[0]).replace(re.escape("{x}"), "(.+)")
-            subject = re.fullmatch(pattern, call.arguments["query"])
-            assert subject, (call.arguments["query"], forms[0])
-            assert any(subject.group(1) in r for r in results)  # the name was in an earlier tool result
+            words = T.canonical_query(hop["relation"], "", hop["entity"] is None, name_last=True)
+            assert words.endswith(" ") and call.arguments["query"].startswith(words)
+            subject = call.arguments["query"][len(words):]
+            assert any(subject in r for r in results)  # the name was in an earlier tool result
+            # ... and the policy writes it with the very tokens that result holds (a name after `"` would not)
+            turn = next(t for t in turns if subject in t)
+            assert _holds(ids(turn), ids(" " + subject)) and any(_holds(ids(r), ids(" " + subject)) for r in results)
+            assert not _holds(ids(f'"{subject}'), ids(" " + subject)[:1])
 
 
 @pytest.mark.parametrize("which", ["terse", "full"])

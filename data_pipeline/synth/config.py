@@ -60,6 +60,11 @@ class GoldConfig:
     # terse: a few-word thought and one canonical query per relation, so a small policy has little to
     # copy besides what the action needs (a name from the last result, the question's relation words).
     think: str = "full"
+    # Write every name the policy copies after a space, as the tools print it: terse queries end with
+    # the name ("headquarters of X", not "X headquarters") and answers are `<answer> X</answer>`.
+    # Byte-level BPE gives a word after a space other tokens than the same word after `"` or `>`, so
+    # otherwise a copied name's first token is one the context does not hold (README, "Copy circuits").
+    names_after_space: bool = False
     image_k: int = 0  # > 0: image_search calls ask for this many matches (0: the tool's default)
     text_k: int = 0  # > 0: text_search calls ask for this many passages
 

@@ -81,7 +81,7 @@ def gold_writer(candidates: dict[str, Candidate], top_k: int, gold: GoldConfig |
     def write_turn(traj: Trajectory) -> str:
         candidate = candidates[traj.example_id]
         turn = len(traj.turns)
-        answer = f"<answer>{candidate.answers[0]}</answer>"
+        answer = f"<answer>{' ' if gold.names_after_space else ''}{candidate.answers[0]}</answer>"
         if gold.think == "terse":
             if turn < len(candidate.steps):
                 step = candidate.steps[turn]
@@ -103,7 +103,7 @@ def _arguments(step: Step, gold: GoldConfig) -> dict:
     arguments = dict(step.arguments)
     if step.tool == "text_search":
         if gold.think == "terse":
-            arguments["query"] = T.canonical_query(step.relation, step.subject[0], step.fact)
+            arguments["query"] = T.canonical_query(step.relation, step.subject[0], step.fact, gold.names_after_space)
         if gold.text_k:
             arguments["k"] = gold.text_k
     if step.tool == "image_search" and gold.image_k:

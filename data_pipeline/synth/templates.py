@@ -133,8 +133,24 @@ def relation_query(rng: random.Random, relation: str, subject: str) -> str:
     return rng.choice(RELATION_QUERY.get(relation, (f"{{x}} {words(relation)}",))).format(x=subject)
 
 
-def canonical_query(relation: str, subject: str, fact: bool) -> str:
-    """The first (canonical) search query for following `relation` or looking up a fact of `subject`."""
+# The gold query's form when names must follow a space (GoldConfig.names_after_space): the words of
+# the relation first, the name last, so it is written as the results print it (" Name").
+NAME_LAST_QUERY = {
+    "country": "country of {x}", "flows_through": "course of {x}", "birthplace": "birthplace of {x}",
+    "headquarters": "headquarters of {x}", "creator": "painter of {x}", "housed_in": "collection holding {x}",
+    "founded": "founding of {x}", "government": "government of {x}", "born": "year of birth of {x}",
+    "died": "death of {x}", "occupation": "occupation of {x}", "type": "type of {x}", "employees": "employees of {x}",
+    "year": "completion of {x}",
+}
+
+
+def canonical_query(relation: str, subject: str, fact: bool, name_last: bool = False) -> str:
+    """The first (canonical) search query for following `relation` or looking up a fact of `subject`;
+    with `name_last`, a form that ends with the name."""
+    if name_last:
+        templates = FACT_TEMPLATES.get(relation, ((), ()))[1] if fact else RELATION_QUERY.get(relation, ())
+        ends = [t for t in (NAME_LAST_QUERY.get(relation), *templates) if t and t.endswith("{x}")]
+        return (ends[0] if ends else f"{words(relation)} of {{x}}").format(x=subject)
     if fact:
         queries = FACT_TEMPLATES.get(relation, ((), (f"{{x}} {words(relation)}",)))[1]
     else:

@@ -177,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)  # it sets itself to DEBUG
+    # transformers warns that a sliding window is "not implemented" for any attention but flash; its
+    # masks do implement it for sdpa and eager (the tiny policy's layer 0; tests/test_engine_cache.py).
+    logging.getLogger("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl").addFilter(
+        lambda record: "Sliding Window Attention is enabled but not implemented" not in record.getMessage())
     # Our jobs show their own progress; per-file weight-loading bars from the hub libraries are noise.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     key = tuple(part for part in (args.command, getattr(args, "action", None)) if part)

@@ -89,7 +89,7 @@ class TinyPolicyConfig:
     kb: str = "runs/world"
     out: str = "runs/policy"
     seed: int = 0
-    vocab_size: int = 6000
+    vocab_size: int = 1000  # small enough that copying forms over the whole vocabulary (README, "Copy circuits")
     text: TinyTextConfig = field(default_factory=TinyTextConfig)
     vision: TinyVisionConfig = field(default_factory=TinyVisionConfig)
 
