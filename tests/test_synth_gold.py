@@ -57,7 +57,10 @@ def test_terse_turns_are_short_and_queries_canonical(terse, policy_dir: Path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     out, _ = terse
     rows = _rows(out)
     assert sum(r["requires_search"] for r in rows) >= 10

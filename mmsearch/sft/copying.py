@@ -1,10 +1,10 @@
 """Copy rows: strings of random token ids, each followed by itself, so that the policy learns to copy.
 
 Every search question ends in copying: a name from an image-search result into the next query, the
-answer out of a passage. Held-out questions are about entities the policy never saw, and with a
-tokenizer trained on the whole KB most of their names are tokens that no training row contains:
-their embeddings stay where initialisation put them, so even a policy that has learned to copy
-cannot copy them (README, "Copy circuits", p1). Copy rows draw ids uniformly from the whole
+answer out of a passage. Held-out questions are about entities the policy never saw, and their
+names may hold tokens that no training row contains (20 of 186 held-out search answers at the
+1,000-token tokenizer, 157 at 4,133): such embeddings stay where initialisation put them, so even a
+policy that has learned to copy cannot copy them (README, "Copy circuits", p1). Copy rows draw ids uniformly from the whole
 vocabulary (special and protocol tokens excepted), so every id is trained as something that can be
 read and written back, and the loss on the second reading rewards copying by content only (the
 strings have random lengths, so no fixed offset works). The ids are random symbols, not text: no

@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mmsearch.config import to_yaml
+from mmsearch.eval.loaders import LoadReport
 from mmsearch.logprobs import TRAIN_INPUTS, collate
 from mmsearch.sft.config import SFTConfig
-from mmsearch.eval.loaders import LoadReport
 from mmsearch.sft.copying import copy_rows
 from mmsearch.sft.loss import CausalLMLoss, window_scale
 from mmsearch.sft.samples import SampleLimits, load_samples
