@@ -19,7 +19,7 @@ install: $(BIN)/.installed
 
 # world -> CLIP -> indexes -> a few tool calls -> tiny policy -> dataset (gold trajectories) -> copy stage -> SFT -> ask + eval
 # -> RL -> eval -> the before/after table, all offline.
-# A rerun reuses the finished SFT and RL runs in $(RUN)/sft and $(RUN)/rl (--resume); delete them to train again.
+# A rerun reuses the finished copy, SFT and RL runs in $(RUN)/copy, $(RUN)/sft and $(RUN)/rl (--resume); delete them to train again.
 demo: install
 	$(BIN)/mmsearch world build --config configs/world/default.yaml --out $(RUN)/world --seed $(SEED)
 	$(BIN)/mmsearch clip train --config configs/clip/tiny.yaml --kb $(RUN)/world --out $(RUN)/clip
