@@ -266,13 +266,13 @@ def _family_model(family: str, tokenizer):
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
-def test_other_qwen_families(world_dir, full_engine, scene, family):
+def test_other_qwen_families(world_dir, hf_engine, scene, family):
     """The cache's positions and image handling hold for Qwen2-VL and Qwen3-VL (interleaved
     multimodal rotary positions, deepstack visual features) as well."""
-    model = _family_model(family, full_engine.tokenizer)
-    builder = TrajectoryBuilder(full_engine.processor)
+    model = _family_model(family, hf_engine.tokenizer)
+    builder = TrajectoryBuilder(hf_engine.processor)
     thumb = Image.open(next((world_dir / "images").rglob("*.png"))).convert("RGB").resize((90, 70))
-    engines = (HFEngine(model, full_engine.processor), HFEngine(model, full_engine.processor, cache_turns=False))
+    engines = (HFEngine(model, hf_engine.processor), HFEngine(model, hf_engine.processor, cache_turns=False))
     states = [[builder.start("e", i, "You are a test.", "Which nation?" * (i + 1), [scene]) for i in range(2)]
               for _ in engines]
     for turn in range(3):

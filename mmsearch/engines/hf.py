@@ -152,6 +152,7 @@ class HFEngine:
         kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
         self.windows = ({kind: text.sliding_window if kind == "sliding_attention" else None for kind in kinds}
                         if "sliding_attention" in kinds else None)
+        self.eager_masks = text._attn_implementation == "eager"  # additive float masks instead of booleans
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "auto", dtype: str = "auto", max_batch: int = 64,
@@ -342,9 +343,7 @@ class HFEngine:
         pixels = {k: images[k] for k in ("pixel_values", "image_grid_thw") if images and k in images}
         mask = state.mask
         if self.windows:
-            mask = own_column_masks(state.mask, input_ids.shape[1], self.windows,
-                                    eager=self.model.config.get_text_config()._attn_implementation == "eager",
-                                    dtype=self.model.dtype)
+            mask = own_column_masks(state.mask, input_ids.shape[1], self.windows, self.eager_masks, self.model.dtype)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1, **{self.cache_arg: state.cache}, **pixels)
         state.cache = getattr(out, self.cache_arg)
