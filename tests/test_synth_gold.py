@@ -105,19 +105,38 @@ def test_training_rows_name_no_held_out_entity(which, terse, gold_dataset: Path,
             assert not pattern.search(text), (row["id"], pattern.search(text).group(0))
 
 
-def test_tokenizer_sees_only_kb_and_protocol_text(world_dir: Path):
-    """Every text the tokenizer trains on is the protocol's or made of one KB file's own words."""
-    from mmsearch.model.tiny import _kb_texts
+def test_question_words_are_whole_tokens_of_the_tiny_policy(policy_dir: Path):
+    """With the pipeline's question wording in its text, the 1,000-token tokenizer keeps question
+    words whole (trained on the KB and protocol alone it wrote "How many" as 'H', 'ow', ' ma', 'n', 'y')."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    for word in ("How", " many", " colour", " flag", " emblem", " bottom", " kind", " picture"):
+        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+    assert len(tok("How many pictures are in the image?")["input_ids"]) == 8
+
+
+def test_tokenizer_sees_only_kb_protocol_and_entity_free_question_text(world_dir: Path):
+    """Every text the tokenizer trains on is the protocol's, made of one KB file's own words, or a
+    question in the pipeline's wording that names no entity."""
+    from data_pipeline.synth.templates import sample_questions
+    from mmsearch.model.tiny import TinyPolicyConfig, _kb_texts
     from mmsearch.protocol import tool_prompt_examples
 
     protocol = set(tool_prompt_examples())
+    n_questions = TinyPolicyConfig().wording_questions
+    questions = set(sample_questions(n_questions))
+    assert n_questions and len(questions) > 100
+    names = {form for record in map(json.loads, (world_dir / "entities.jsonl").read_text().splitlines())
+             for form in [record["name"], *record.get("aliases", [])]}
+    assert not [q for q in questions if any(re.search(rf"\b{re.escape(n)}\b", q) for n in names)]
     kb_words = set()
     for name in ("passages.jsonl", "images.jsonl", "entities.jsonl"):
         for record in map(json.loads, (world_dir / name).read_text().splitlines()):
             values = [record.get("title", ""), record.get("text", ""), record.get("name", ""), *record.get("aliases", []),
                       *(f"{k}: {v}" for k, v in record.get("facts", {}).items())]
             kb_words |= {w for v in values for w in v.split()}
-    texts = list(_kb_texts(world_dir))
-    assert set(texts) & protocol
+    texts = list(_kb_texts(world_dir, n_questions))
+    assert set(texts) & protocol and set(texts) & questions
     for text in texts:
-        assert text in protocol or set(text.split()) <= kb_words, text[:80]
+        assert text in protocol or text in questions or set(text.split()) <= kb_words, text[:80]

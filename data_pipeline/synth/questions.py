@@ -176,22 +176,20 @@ def _visual(category: Category, scene: ComposedScene, graph: EntityGraph, rng: r
     listing = ", ".join(f"{d.removeprefix('the ')} {T.at_position(o.position)}" for d, o in described)
     if category.visual == "count":
         n = len(objects)
-        question = rng.choice(("How many pictures are in the image?", "How many pictures does this image show?",
-                               "Count the pictures in the image. How many are there?"))
+        question = rng.choice(T.COUNT_QUESTIONS)
         return Candidate(question, [str(n), T.NUMBER_WORDS[n]] if n < 10 else [str(n)], category, "count",
                          [scene.path], _scene_key(scene), meta=meta,
                          explanation=f"I count {n} pictures: {listing}.")
     if category.visual == "position" and unique:
         desc, obj = rng.choice(unique)
-        question = rng.choice((f"Where in the image is {desc}?", f"In which part of the image is {desc}?"))
+        question = rng.choice(T.POSITION_QUESTIONS).format(desc=desc)
         return Candidate(question, list(T.POSITION_WORDS[obj.position]), category, "position", [scene.path],
                          _scene_key(scene), meta={**meta, "keep": [desc.removeprefix("the ")]},
                          explanation=f"{desc[0].upper()}{desc[1:]} is {T.at_position(obj.position)} of the image.")
     if category.visual == "picture":
         obj = rng.choice(objects)
         noun = where[obj.position].removeprefix("the ").removeprefix("picture of a ")
-        question = rng.choice((f"What kind of picture is {T.at_position(obj.position)} of the image?",
-                               f"What is shown {T.at_position(obj.position)} of the image?"))
+        question = rng.choice(T.PICTURE_QUESTIONS).format(where=T.at_position(obj.position))
         return Candidate(question, [noun, f"a {noun}"], category, "picture", [scene.path], _scene_key(scene),
                          meta={**meta, "keep": [obj.position]},
                          explanation=f"The picture {T.at_position(obj.position)} is a {noun}.")
@@ -200,7 +198,7 @@ def _visual(category: Category, scene: ComposedScene, graph: EntityGraph, rng: r
             colour = dominant_colour(obj.image)
             if colour is not None:
                 desc = where[obj.position]
-                question = f"What is the main colour of {desc} {T.at_position(obj.position)}?"
+                question = T.COLOUR_QUESTION.format(desc=desc, where=T.at_position(obj.position))
                 return Candidate(question, [colour, *COLOUR_ALIASES.get(colour, ())], category, "colour",
                                  [scene.path], _scene_key(scene), meta={**meta, "keep": [obj.position]},
                                  explanation=f"Most of {desc} {T.at_position(obj.position)} is {colour}.")

@@ -9,6 +9,7 @@ works on any entity graph.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 # kind -> what its picture is called ("" for kinds the world does not picture)
 PICTURE_NOUN = {"nation": "flag", "city": "seal", "organisation": "emblem", "person": "portrait", "artwork": "painting"}
@@ -67,6 +68,12 @@ POSITION_WORDS = {
     "bottom-right": ("bottom-right", "bottom right", "lower right"),
 }
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Search-free questions about a scene; {desc} is an object's description ("the flag"), {where} its position phrase.
+COUNT_QUESTIONS = ("How many pictures are in the image?", "How many pictures does this image show?",
+                   "Count the pictures in the image. How many are there?")
+POSITION_QUESTIONS = ("Where in the image is {desc}?", "In which part of the image is {desc}?")
+PICTURE_QUESTIONS = ("What kind of picture is {where} of the image?", "What is shown {where} of the image?")
+COLOUR_QUESTION = "What is the main colour of {desc} {where}?"
 
 
 def words(name: str) -> str:
@@ -176,3 +183,33 @@ def fact_query(rng: random.Random, fact: str, subject: str) -> str:
 
 def _capitalise(text: str) -> str:
     return text[:1].upper() + text[1:]
+
+
+def sample_questions(n: int, seed: int = 0) -> Iterator[str]:
+    """`n` questions in this module's wording that name no entity: every question family, its noun
+    phrases, positions and relations, with the pictured thing as the only subject ("the flag at the
+    top"). Text for a tokenizer to learn the words questions are asked with (`mmsearch model init-tiny`)."""
+    rng = random.Random(f"wording:{seed}")
+    kinds, positions = sorted(KIND_NOUN), sorted(POSITION_WORDS)
+    relations, facts = sorted(RELATION_NP), sorted(FACT_TEMPLATES)
+    for _ in range(n):
+        kind, position = rng.choice(kinds), rng.choice([None, *positions])
+        desc, where = f"the {picture_noun(kind)}", at_position(position or rng.choice(positions))
+        form = rng.randrange(8)
+        if form == 0:
+            yield identify_question(rng, kind, position)
+        elif form in (1, 2):
+            np_ = anchor_np(rng, kind, position)
+            for _ in range(form):  # one or two relations deep
+                np_ = relation_np(rng, rng.choice(relations), np_)
+            yield entity_question(rng, rng.choice(kinds), np_)
+        elif form == 3:
+            yield fact_question(rng, rng.choice(facts), anchor_np(rng, kind, position))
+        elif form == 4:
+            yield rng.choice(COUNT_QUESTIONS)
+        elif form == 5:
+            yield rng.choice(POSITION_QUESTIONS).format(desc=desc)
+        elif form == 6:
+            yield rng.choice(PICTURE_QUESTIONS).format(where=where)
+        else:
+            yield COLOUR_QUESTION.format(desc=desc, where=where)

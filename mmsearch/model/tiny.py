@@ -90,12 +90,17 @@ class TinyPolicyConfig:
     out: str = "runs/policy"
     seed: int = 0
     vocab_size: int = 1000  # small enough that copying forms over the whole vocabulary (README, "Copy circuits")
+    # Questions in the data pipeline's wording, naming no entity, added to the tokenizer's text
+    # (`data_pipeline.synth.templates.sample_questions`): without them the KB's names take the merges
+    # and question words split into letters ("H ow  ma n y") (README, "Question words and reading rows").
+    wording_questions: int = 3000
     text: TinyTextConfig = field(default_factory=TinyTextConfig)
     vision: TinyVisionConfig = field(default_factory=TinyVisionConfig)
 
 
-def _kb_texts(kb: Path) -> Iterator[str]:
-    """Everything the policy will read or write: passages, image captions, entity names and facts."""
+def _kb_texts(kb: Path, wording_questions: int = 0) -> Iterator[str]:
+    """Everything the policy will read or write: passages, image captions, entity names and facts, the
+    protocol, and `wording_questions` questions in the pipeline's wording (no entity in them)."""
     from mmsearch.protocol import tool_prompt_examples
 
     for name in ("passages.jsonl", "images.jsonl", "entities.jsonl"):
@@ -119,9 +124,13 @@ def _kb_texts(kb: Path) -> Iterator[str]:
     protocol = list(tool_prompt_examples())
     for _ in range(PROTOCOL_WEIGHT):
         yield from protocol
+    if wording_questions:
+        from data_pipeline.synth.templates import sample_questions
+
+        yield from sample_questions(wording_questions)
 
 
-def train_tokenizer(kb: Path, vocab_size: int):
+def train_tokenizer(kb: Path, vocab_size: int, wording_questions: int = 0):
     """A byte-level BPE over the KB's text with Qwen's special tokens, as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -133,7 +142,7 @@ def train_tokenizer(kb: Path, vocab_size: int):
         vocab_size=vocab_size, min_frequency=2, show_progress=False,
         special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    bpe.train_from_iterator(_kb_texts(kb), trainer)
+    bpe.train_from_iterator(_kb_texts(kb, wording_questions), trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         model_max_length=8192, padding_side="left", clean_up_tokenization_spaces=False,
@@ -202,7 +211,7 @@ def init_tiny(cfg: TinyPolicyConfig) -> Path:
     kb, out = Path(cfg.kb), Path(cfg.out)
     if not (kb / "passages.jsonl").exists():
         raise FileNotFoundError(f"{kb} is not a KB dir (no passages.jsonl)")
-    tokenizer = train_tokenizer(kb, cfg.vocab_size)
+    tokenizer = train_tokenizer(kb, cfg.vocab_size, cfg.wording_questions)
     processor = build_processor(tokenizer, cfg.vision)
     model = build_model(tokenizer, cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,11 @@ class NameSwap:
 
     def swap(self, messages: list[dict], rng: random.Random) -> list[dict] | None:
         """The messages with every mentioned entity renamed; None when the row mentions none."""
+        renamed = self.rename(messages, rng)
+        return renamed[0] if renamed else None
+
+    def rename(self, messages: list[dict], rng: random.Random) -> tuple[list[dict], set[str]] | None:
+        """(the renamed messages, the names and aliases written in), or None when the row mentions no entity."""
         mentioned = sorted({self.forms[m.group(0)][0] for text in message_texts(messages) for m in self.pattern.finditer(text)})
         if not mentioned:
             return None
@@ -57,13 +62,17 @@ class NameSwap:
             for i, j in zip(old, rng.sample(pool, min(len(old), len(pool)))):
                 new_name[i] = j
 
+        written: set[str] = set()
+
         def rename(match: re.Match) -> str:
             entity, alias = self.forms[match.group(0)]
             target = self.entities[new_name.get(entity, entity)]
             aliases = target.get("aliases", [])
-            return aliases[alias] if 0 <= alias < len(aliases) else target["name"]
+            form = aliases[alias] if 0 <= alias < len(aliases) else target["name"]
+            written.add(form)
+            return form
 
-        return [_map_text(m, lambda text: self.pattern.sub(rename, text)) for m in messages]
+        return [_map_text(m, lambda text: self.pattern.sub(rename, text)) for m in messages], written
 
 
 def _alternation(forms: dict) -> re.Pattern:

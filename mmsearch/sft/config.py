@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mmsearch.sft.copying import CopyRowsConfig
+from mmsearch.sft.reading import ReadingRowsConfig
 from mmsearch.training.config import FreezeConfig, LoraConfig, OptimConfig, PeriodicEvalConfig
 from mmsearch.training.schedule import check_optim
 
@@ -41,17 +42,23 @@ class SFTConfig:
     keep_checkpoints: int = 2  # older step checkpoints are deleted (the final one always stays)
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
     # Share of training rows that also get a copy with every entity renamed (mmsearch/sft/augment.py);
-    # `name_swap_kb`: the KB dir for the names (empty: the one the dataset's synth_info.json records).
+    # `name_swap_kb`: the KB dir for the names of swaps and reading rows (empty: the one the dataset's
+    # synth_info.json records).
     name_swap: float = 0.0
     name_swap_kb: str = ""
     # Rows of random vocabulary ids read and written back, added to the samples (mmsearch/sft/copying.py).
     copy_rows: CopyRowsConfig = field(default_factory=CopyRowsConfig)
+    # Fragments of renamed rows: a text tool result and the turn that copies a name out of it (mmsearch/sft/reading.py).
+    reading_rows: ReadingRowsConfig = field(default_factory=ReadingRowsConfig)
 
     def check(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         check_optim(self.optim)
         self.copy_rows.check()
+        self.reading_rows.check()
+        if self.reading_rows.rows and not self.data:
+            raise ValueError("reading_rows are cut from the dataset's rows: set data")
         if not self.data and not self.copy_rows.rows:
             raise ValueError("set data (a dataset dir) or copy_rows.rows > 0: there is nothing to train on")
         if not self.data and self.eval.enabled:

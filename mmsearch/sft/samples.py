@@ -23,6 +23,7 @@ from mmsearch.eval.loaders import LoadReport, SkipRecord, load_examples
 from mmsearch.example import Example
 from mmsearch.protocol import parse_action
 from mmsearch.sft.augment import NameSwap, message_texts
+from mmsearch.sft.reading import reading_fragments
 from mmsearch.trajectory import Trajectory, TrajectoryBuilder, assistant_turn_ids
 from tools.base import Toolbox, ToolContext
 from tools.config import ToolsConfig, VisionResizeConfig
@@ -106,11 +107,12 @@ def _tool_images(traj: Trajectory, call, n_images: int, crops: Toolbox) -> list:
 
 def load_samples(data: str, split: str, builder: TrajectoryBuilder, vision: VisionResizeConfig,
                  limits: SampleLimits, limit: int | None = None, name_swap: float = 0.0, kb: str = "",
-                 seed: int = 0) -> tuple[list[Trajectory], LoadReport]:
+                 seed: int = 0, reading_rows: int = 0) -> tuple[list[Trajectory], LoadReport]:
     """Every row of `split` with a gold trajectory, as samples; bad rows are skipped and counted.
 
     With `name_swap` > 0, that share of rows also gets a renamed copy (`mmsearch.sft.augment`),
     appended after the original samples; `kb` is the KB dir (default: the one the data was made from).
+    With `reading_rows` > 0, that many reading fragments of renamed rows follow (`mmsearch.sft.reading`).
     """
     check_vision(data, vision)
     examples, report = load_examples(data, split=split, limit=limit)
@@ -128,8 +130,12 @@ def load_samples(data: str, split: str, builder: TrajectoryBuilder, vision: Visi
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             report.skip(example.id, "malformed_trajectory", f"{type(exc).__name__}: {exc}")
     samples = [sample for _, _, sample in rows]
-    if name_swap > 0:
-        samples += _swapped_samples(rows, builder, crops, limits, name_swap, kb or _data_kb(data), seed)
+    if name_swap > 0 or reading_rows > 0:
+        swap = NameSwap.from_kb(kb or _data_kb(data), (text for _, messages, _ in rows for text in message_texts(messages)))
+        if name_swap > 0:
+            samples += _swapped_samples(rows, builder, crops, limits, name_swap, swap, seed)
+        if reading_rows > 0:
+            samples += _reading_samples(rows, builder, crops, limits, reading_rows, swap, seed)
     crops.close()
     report.loaded = len(samples)
     if report.skipped:
@@ -145,9 +151,8 @@ def _data_kb(data: str) -> str:
     return kb
 
 
-def _swapped_samples(rows, builder, crops, limits, share: float, kb: str, seed: int) -> list[Trajectory]:
+def _swapped_samples(rows, builder, crops, limits, share: float, swap: NameSwap, seed: int) -> list[Trajectory]:
     """Renamed copies of a `share` of the rows (rows that mention no KB entity are left out)."""
-    swap = NameSwap.from_kb(kb, (text for _, messages, _ in rows for text in message_texts(messages)))
     rng = random.Random(seed)
     out = []
     for example, messages, _ in rows:
@@ -160,3 +165,27 @@ def _swapped_samples(rows, builder, crops, limits, share: float, kb: str, seed: 
             except SkipRecord:
                 continue
     return out
+
+
+def _reading_samples(rows, builder, crops, limits, n: int, swap: NameSwap, seed: int) -> list[Trajectory]:
+    """`n` reading fragments, each row drawn at random and freshly renamed (so a row gives new names each time)."""
+    rng = random.Random(f"reading:{seed}")
+    readers = [(example, messages) for example, messages, _ in rows
+               if any(m["role"] == "tool" and _tool_parts(m)[1] == 0 for m in messages)]
+    turn_start = builder.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    out: list[Trajectory] = []
+    for _ in range(4 * n):  # a draw can give no fragment (no name written after a text result)
+        if len(out) >= n or not readers:
+            break
+        example, messages = rng.choice(readers)
+        renamed = swap.rename(messages, rng)
+        if renamed is None:
+            continue
+        try:
+            sample = build_sample(builder, example, renamed[0], crops, limits)
+        except SkipRecord:
+            continue
+        out += reading_fragments(sample, builder.tokenizer, renamed[1], turn_start, builder.vision_start_id)
+    for i, fragment in enumerate(out[:n]):
+        fragment.example_id = f"read-{i:06d}"
+    return out[:n]

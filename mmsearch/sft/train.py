@@ -76,7 +76,8 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     limits = SampleLimits(cfg.batch.max_tool_response_tokens, cfg.batch.max_seq_tokens)
     if cfg.data:
         samples, report = load_samples(cfg.data, cfg.train_split, builder, vision, limits,
-                                       name_swap=cfg.name_swap, kb=cfg.name_swap_kb, seed=cfg.seed)
+                                       name_swap=cfg.name_swap, kb=cfg.name_swap_kb, seed=cfg.seed,
+                                       reading_rows=cfg.reading_rows.rows)
         if not samples:
             raise ValueError(f"no trainable samples in {cfg.data}[{cfg.train_split}] ({report})")
     else:  # a copy stage: copy rows only (configs/sft/copy.yaml)
