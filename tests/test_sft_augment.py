@@ -93,3 +93,20 @@ def test_load_samples_adds_renamed_copies_without_held_out_names(gold_dataset, p
     unseen = [e["name"] for e in entities if e["name"] not in train_text]
     renamed_text = " ".join(decode(s.token_ids) for s in renamed)
     assert unseen and not [name for name in unseen if name in renamed_text]
+
+
+def test_swap_is_the_same_in_every_process():
+    """Renames are a function of the seed alone, not of the process's string-hash order (DDP ranks
+    and a resumed run rebuild the same samples)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import json, random, sys; sys.path.insert(0, 'tests'); from test_sft_augment import row, training_swap; "
+              "swap = training_swap(); "
+              "print(json.dumps([swap.swap(row('Ostrava', 'Tessk', 'Republic of Ostrava'), random.Random(s)) for s in range(8)]))")
+    root = Path(__file__).parents[1]
+    outputs = {subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(h)}).stdout for h in range(1, 6)}
+    assert len(outputs) == 1

@@ -56,7 +56,7 @@ class NameSwap:
         if not mentioned:
             return None
         new_name = {}
-        for kind in {self.entities[i]["kind"] for i in mentioned}:
+        for kind in sorted({self.entities[i]["kind"] for i in mentioned}):  # sorted: set order varies by process
             old = [i for i in mentioned if self.entities[i]["kind"] == kind]
             pool = [i for i in self.by_kind[kind] if i not in old] or self.by_kind[kind]
             for i, j in zip(old, rng.sample(pool, min(len(old), len(pool)))):
