@@ -17,6 +17,11 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The tests also run DeepSpeed ZeRO on the CPU (2 gloo ranks); its sdist builds against the installed torch.
+$(BIN)/.deepspeed: $(BIN)/.installed
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed==0.19.8"
+	touch $@
+
 # world -> CLIP -> indexes -> a few tool calls -> tiny policy -> dataset (gold trajectories) -> copy stage -> SFT -> ask + eval
 # -> RL -> eval -> the before/after table, all offline.
 # A rerun reuses the finished copy, SFT and RL runs in $(RUN)/copy, $(RUN)/sft and $(RUN)/rl (--resume); delete them to train again.
@@ -43,10 +48,10 @@ demo: install
 	$(BIN)/mmsearch compare $(RUN)/eval $(RUN)/eval_rl --labels "SFT,SFT + RL"
 
 # Fast suite (what CI runs); `make test-all` adds the slow tests.
-test: install
+test: install $(BIN)/.deepspeed
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
-test-all: install
+test-all: install $(BIN)/.deepspeed
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 bench: install

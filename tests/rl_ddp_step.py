@@ -7,7 +7,9 @@ advantages and runs one update (SGD, so weights differ by the gradients); rank 0
 step's metrics.
 
     python tests/rl_ddp_step.py OUT POLICY DATA INDEX
-    python -m torch.distributed.run --nproc_per_node 2 tests/rl_ddp_step.py OUT POLICY DATA INDEX
+    python -m torch.distributed.run --nproc_per_node 2 tests/rl_ddp_step.py OUT POLICY DATA INDEX [DEEPSPEED_JSON]
+
+With DEEPSPEED_JSON the update runs under DeepSpeed ZeRO (`mmsearch rl deepspeed=...`) instead of DDP.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 
-def main(out: str, policy: str, data: str, index: str) -> None:
+def main(out: str, policy: str, data: str, index: str, deepspeed: str = "") -> None:
     from transformers import AutoProcessor
 
     from mmsearch.agent.config import AgentConfig
@@ -34,7 +36,7 @@ def main(out: str, policy: str, data: str, index: str) -> None:
     from mmsearch.rl.config import RLConfig
     from mmsearch.training.config import FreezeConfig, LoraConfig
     from mmsearch.training.model import load_policy
-    from mmsearch.training.parallel import TorchParallel, init_distributed
+    from mmsearch.training.parallel import init_distributed, make_parallel
     from mmsearch.trajectory import TrajectoryBuilder
     from tools.config import ToolsConfig
     from tools.registry import build_toolbox
@@ -67,7 +69,7 @@ def main(out: str, policy: str, data: str, index: str) -> None:
     # plain SGD: the weights move by exactly lr x the gradient (Adam would magnify float noise in near-zero gradients)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    parallel = TorchParallel(TokenScorer(model), optimizer, scheduler, info, max_grad_norm=1.0)
+    parallel = make_parallel(TokenScorer(model), optimizer, scheduler, info, 1.0, deepspeed)
     no_autocast = torch.autocast("cpu", enabled=False)
     scored = rl._score(cfg, flat, parallel, None, None, 0, model.config.image_token_id, 1, {"scoring": 0.0},
                        no_autocast, info)
@@ -84,4 +86,4 @@ def main(out: str, policy: str, data: str, index: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

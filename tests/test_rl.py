@@ -35,6 +35,8 @@ TINY = [
 ]
 TESTS = Path(__file__).parent
 
+DEEPSPEED = Path(__file__).parents[1] / "configs" / "deepspeed"
+
 
 def _cfg(policy_dir, gold_dataset, index_dir, out, *overrides) -> RLConfig:
     return load_config(RLConfig, overrides=[f"model={policy_dir}", f"data={gold_dataset}", f"index={index_dir}",
@@ -274,6 +276,8 @@ def test_guard_needs_patience_for_soft_signals_and_none_for_nan():
     ("rollout.group_size=1", "group_size must be >= 2"),
     ("algorithm.old_logprobs=trainer", "algorithm.old_logprobs must be one of auto, recompute, engine"),
     ("lld_probe_every=-1", "lld_probe_every must be >= 0"),
+    (f"deepspeed={DEEPSPEED / 'zero3.json'}", "ZeRO-3: it partitions the weights the hf engine generates with"),
+    ("deepspeed=no/such.json", "no such file"),
 ])
 def test_bad_configs_are_refused_before_anything_loads(override, message, tmp_path):
     cfg = load_config(RLConfig, overrides=[f"out={tmp_path}", "rewards.weights={exact_match: 1.0}", override])

@@ -1,4 +1,5 @@
-"""RL under torchrun: 2 gloo ranks, each with its own whole groups, give the single process's update and metrics."""
+"""RL under torchrun: 2 gloo ranks (DDP or DeepSpeed ZeRO-2), each with its own whole groups, give the single
+process's update and metrics."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 STEP = Path(__file__).with_name("rl_ddp_step.py")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
 
 def _run(argv: list[str]) -> None:
@@ -20,11 +22,16 @@ def _run(argv: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_two_ranks_give_the_single_process_update(policy_dir, gold_dataset, index_dir, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "zero2"])
+def test_two_ranks_give_the_single_process_update(policy_dir, gold_dataset, index_dir, tmp_path, parallel):
     args = [str(policy_dir), str(gold_dataset), str(index_dir)]
+    ranks = args
+    if parallel == "zero2":  # DeepSpeed ZeRO-2 over gloo: optimizer state and gradients sharded over the 2 ranks
+        pytest.importorskip("deepspeed")
+        ranks = [*args, str(CONFIGS / "zero2.json")]
     _run([sys.executable, str(STEP), str(tmp_path / "one"), *args])
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(STEP),
-          str(tmp_path / "two"), *args])
+          str(tmp_path / "two"), *ranks])
     one = json.loads((tmp_path / "one" / "record.json").read_text())
     two = json.loads((tmp_path / "two" / "record.json").read_text())
     assert one["trajectories"] == two["trajectories"] == 8 and one["reward_mean"] == 0.5

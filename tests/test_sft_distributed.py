@@ -216,6 +216,62 @@ def test_loss_is_normalized_over_the_whole_window_not_per_micro_batch(ddp_runs, 
         assert step1["grad_norm"] == pytest.approx(window_norm, rel=1e-4), run
 
 
+# -- 1b. DeepSpeed ZeRO-2 and ZeRO-3 (2 gloo ranks on the CPU) == the same single process ------------------------------
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(ddp_runs, policy_dir: Path, gold_dataset: Path, index_dir: Path,
+                   tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """ddp_runs' two steps under DeepSpeed ZeRO-2 and ZeRO-3; ZeRO-3 also evaluates at the end (rank 0 only)."""
+    pytest.importorskip("deepspeed")
+    root = tmp_path_factory.mktemp("sft_deepspeed")
+    steps = ["max_steps=2", "optim.lr=1e-3", "batch.grad_accum=1"]
+    runs = {}
+    for stage in (2, 3):
+        extra = [f"deepspeed={CONFIGS / f'zero{stage}.json'}"]
+        if stage == 3:  # an eval with a sharded model: every rank gathers, rank 0 evaluates a whole copy
+            extra += [f"eval.index={index_dir}", "eval.enabled=true", "eval.limit=2", "eval.split=validation"]
+        job = _start(_torchrun(_sft(policy_dir, gold_dataset, root / f"zero{stage}", *steps, *extra), 2),
+                     root / f"zero{stage}.log")
+        with _stopped_on_exit(job):
+            _ok(job.wait())
+        runs[stage] = root / f"zero{stage}"
+    return runs
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_single_process_gradient_accumulation(deepspeed_runs, ddp_runs, stage: int):
+    """Same losses, gradient norms and final weights; the final dir is a plain Hugging Face checkpoint."""
+    zero_log, single_log = _train_log(deepspeed_runs[stage]), _train_log(ddp_runs["single"])
+    assert [r["step"] for r in zero_log] == [r["step"] for r in single_log] == [1, 2]
+    for z, s in zip(zero_log, single_log):
+        assert z["trained_tokens"] == s["trained_tokens"]
+        assert z["loss"] == pytest.approx(s["loss"], rel=1e-5, abs=0)
+        assert z["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-4, abs=0)
+        assert z["lr"] == pytest.approx(s["lr"], rel=1e-12)
+    final = deepspeed_runs[stage] / "final"
+    assert (final / "trainer_state" / "deepspeed").is_dir()  # every rank's optimizer shard
+    zero, single = _state_dict(final), _state_dict(ddp_runs["single"] / "final")
+    assert zero.keys() == single.keys()
+    # ZeRO-3 gathers its shards under the model's own names. DeepSpeed runs without the shared-prefix forward
+    # (`parallel.share_prefix`), so sums run in another order; Adam turns that noise in near-zero gradients into
+    # steps of up to ~2e-5 on single elements (the weights move by > 5e-4)
+    for name, weight in zero.items():
+        torch.testing.assert_close(weight, single[name], rtol=0, atol=5e-5 * max(1.0, float(weight.abs().max())),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_deepspeed_zero3_evaluates_a_whole_copy_of_the_sharded_policy(deepspeed_runs):
+    evals = read_metrics(deepspeed_runs[3] / "metrics.jsonl", kind="eval")
+    assert [r["step"] for r in evals] == [2]
+    summary = json.loads((deepspeed_runs[3] / "eval" / "step-000002" / "summary.json").read_text())
+    assert summary["overall"]["n_trajectories"] == 2
+    trajectories = (deepspeed_runs[3] / "eval" / "step-000002" / "trajectories.jsonl").read_text().splitlines()
+    assert len(trajectories) == 2 and all(json.loads(t)["n_generated"] > 0 for t in trajectories)
+
+
 # -- 2. exact resume after SIGKILL -----------------------------------------------------------------------------------
 
 
@@ -352,3 +408,32 @@ def test_checkpoint_loads_with_transformers_and_generates(resume_runs: ResumeRun
     with torch.no_grad():
         rescored = token_logprobs(model, collate([traj], 0, builder.image_token_id))[0, -len(out.token_ids):]
     assert torch.allclose(rescored, torch.tensor(out.logprobs), atol=1e-4)
+
+
+# -- 4. what every rank needs from the parallel helpers ---------------------------------------------------------------
+
+
+def test_split_to_evens_out_micro_batches_without_losing_a_sample():
+    from mmsearch.training.parallel import split_to
+
+    assert split_to([[0, 1, 2, 3], [4]], 2) == [[0, 1, 2, 3], [4]]
+    evened = split_to([[0, 1, 2, 3], [4]], 4)
+    assert len(evened) == 4 and sorted(i for b in evened for i in b) == [0, 1, 2, 3, 4]
+    assert all(evened)  # no empty micro-batch: every rank runs a real forward and backward
+    with pytest.raises(RuntimeError, match="cannot fill 3 micro-batches"):
+        split_to([[0], [1]], 3)
+
+
+def test_deepspeed_configs_are_checked_before_anything_loads(tmp_path: Path):
+    from mmsearch.config import load_config
+    from mmsearch.sft.config import SFTConfig
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{stage: 2")
+    for override, message in [(f"deepspeed={broken}", "not valid JSON"), ("deepspeed=no/such.json", "no such file"),
+                              (f"deepspeed={CONFIGS / 'zero3.json'}", "ZeRO-3, which partitions the base weights"),
+                              (f"deepspeed={CONFIGS / 'zero3.json'} lora.r=0 copy_rows.rows=10", "hold no image")]:
+        cfg = load_config(SFTConfig, overrides=["data=x", "lora.r=8", *override.split()])
+        with pytest.raises(ValueError, match=message):
+            cfg.check()
+    load_config(SFTConfig, overrides=["data=x", "lora.r=8", f"deepspeed={CONFIGS / 'zero2.json'}"]).check()

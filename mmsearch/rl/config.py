@@ -9,6 +9,7 @@ from mmsearch.agent.config import AgentConfig, SamplingConfig
 from mmsearch.rewards import RewardConfig
 from mmsearch.rl.algos import ADVANTAGE_ESTIMATORS, AGGREGATION_MODES, KL_KINDS
 from mmsearch.training.config import FreezeConfig, LoraConfig, OptimConfig, PeriodicEvalConfig
+from mmsearch.training.parallel import check_deepspeed
 from mmsearch.training.schedule import check_optim
 from tools.config import ToolsConfig
 
@@ -117,6 +118,9 @@ class RLConfig:
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     gradient_checkpointing: bool = False
+    # A DeepSpeed JSON (configs/deepspeed/zero2.json: optimizer state and gradients sharded over the ranks);
+    # empty: DDP / one process. ZeRO-3 is refused: rollouts and eval generate with the weights it would partition.
+    deepspeed: str = ""
     rollout: RolloutSettings = field(default_factory=RolloutSettings)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     # No default weights: YAML dicts merge into defaults, so a recipe could never drop a default component.
@@ -156,6 +160,10 @@ class RLConfig:
         if unknown:
             raise ValueError(f"logger: unknown {sorted(unknown)}; choose from jsonl, tensorboard, wandb")
         check_optim(self.optim)
+        if self.deepspeed and check_deepspeed(self.deepspeed, self.lora.r) == 3:
+            raise ValueError(f"deepspeed={self.deepspeed} is ZeRO-3: it partitions the weights the hf engine generates "
+                             "with and the eval runs on; use configs/deepspeed/zero2.json (optimizer state and "
+                             "gradients sharded, weights whole on every rank)")
         if not self.rewards.weights:
             raise ValueError("rewards.weights is empty: say what the reward is, e.g. rewards.weights={exact_match: 1.0} "
                              "(see configs/rl/*.yaml)")

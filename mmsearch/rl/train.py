@@ -69,7 +69,17 @@ from mmsearch.training.config import FreezeConfig, LoraConfig
 from mmsearch.training.evaluate import Evaluator, evaluate
 from mmsearch.training.metrics import MetricsLog, plot_curves
 from mmsearch.training.model import hf_model, load_policy, trainable_parameters
-from mmsearch.training.parallel import DistInfo, TorchParallel, all_max, all_sum, barrier, init_distributed
+from mmsearch.training.parallel import (
+    DistInfo,
+    TorchParallel,
+    all_max,
+    all_sum,
+    barrier,
+    init_distributed,
+    make_parallel,
+    share_prefix,
+    split_to,
+)
 from mmsearch.training.schedule import lr_lambda
 from mmsearch.trajectory import Trajectory
 
@@ -113,8 +123,9 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
                                   weight_decay=cfg.optim.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.steps * updates_per_step))
     temperature = cfg.rollout.agent.sampling.temperature
-    share = not cfg.gradient_checkpointing
-    parallel = TorchParallel(TokenScorer(model, temperature, share), optimizer, scheduler, info, cfg.optim.max_grad_norm)
+    share = share_prefix(True, cfg.gradient_checkpointing, cfg.deepspeed)
+    parallel = make_parallel(TokenScorer(model, temperature, share), optimizer, scheduler, info, cfg.optim.max_grad_norm,
+                             cfg.deepspeed, cfg.precision)
     ref = None
     if a.kl_coef > 0:  # kl_coef = 0 loads no reference model at all
         ref = TokenScorer(load_policy(cfg.model, info.device, LoraConfig(), FreezeConfig(True, True)).eval(),
@@ -155,7 +166,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
               f"{cfg.rollout.group_size} trajectories per step, {a.advantage}, {cfg.steps} steps")
     eval_cfg = cfg.eval
     eval_cfg.index, eval_cfg.server = cfg.index, list(cfg.server)
-    evaluator = Evaluator(eval_cfg, cfg.data, model, processor, out) if info.is_main else None
+    evaluator = Evaluator(eval_cfg, cfg.data, model, processor, out, parallel)
     autocast = (torch.autocast(device_type=info.device.split(":")[0], dtype=torch.bfloat16)
                 if cfg.precision == "bf16" else contextlib.nullcontext())
     pad_id = processor.tokenizer.pad_token_id or 0
@@ -444,6 +455,7 @@ def _update(cfg: RLConfig, flat: list[Trajectory], scored: dict, parallel, criti
             global_seqs = all_sum(float(len(mini)), info)
             micro = _micro_batches([len(flat[i].token_ids) for i in mini], a.tokens_per_micro_batch,
                                    f"update:{step}:{epoch}:{start}")
+            micro = split_to(micro, int(all_max(float(len(micro)), info)))  # as many on every rank (ZeRO)
             for k, positions in enumerate(micro):
                 ids = [mini[p] for p in positions]
                 batch = _batch([flat[i] for i in ids], pad_id, image_token_id, scorer)

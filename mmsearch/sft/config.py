@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from mmsearch.sft.copying import CopyRowsConfig
 from mmsearch.sft.reading import ReadingRowsConfig
 from mmsearch.training.config import FreezeConfig, LoraConfig, OptimConfig, PeriodicEvalConfig
+from mmsearch.training.parallel import check_deepspeed
 from mmsearch.training.schedule import check_optim
 
 
@@ -55,6 +56,12 @@ class SFTConfig:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         check_optim(self.optim)
+        if self.deepspeed and check_deepspeed(self.deepspeed, self.lora.r) == 3 and (
+                self.copy_rows.rows or self.reading_rows.rows):
+            raise ValueError(f"deepspeed={self.deepspeed} is ZeRO-3, whose ranks must run the same modules in every "
+                             "micro-batch; copy and reading rows hold no image, so the vision tower would run on one "
+                             "rank and not on another. Set copy_rows.rows=0 and reading_rows.rows=0, or use "
+                             "configs/deepspeed/zero2.json")
         self.copy_rows.check()
         self.reading_rows.check()
         if self.reading_rows.rows and not self.data:

@@ -40,7 +40,7 @@ from mmsearch.training.checkpoint import (
 from mmsearch.training.evaluate import Evaluator, evaluate
 from mmsearch.training.metrics import MetricsLog, plot_curves
 from mmsearch.training.model import load_policy, trainable_parameters
-from mmsearch.training.parallel import DeepSpeedParallel, TorchParallel, all_sum, init_distributed
+from mmsearch.training.parallel import all_sum, init_distributed, make_parallel, share_prefix
 from mmsearch.training.schedule import lr_lambda
 
 CURVES = [("train", "loss", "train loss (per trained token)"), ("train", "lr", "learning rate"),
@@ -110,12 +110,9 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                   weight_decay=cfg.optim.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
-    module = CausalLMLoss(model, share_prefix=cfg.batch.share_prefix and not cfg.gradient_checkpointing)
-    if cfg.deepspeed:
-        parallel = DeepSpeedParallel(module, optimizer, scheduler, cfg.deepspeed, cfg.batch.grad_accum,
-                                     cfg.optim.max_grad_norm, cfg.precision)
-    else:
-        parallel = TorchParallel(module, optimizer, scheduler, info, cfg.optim.max_grad_norm)
+    module = CausalLMLoss(model, share_prefix=share_prefix(cfg.batch.share_prefix, cfg.gradient_checkpointing,
+                                                          cfg.deepspeed))
+    parallel = make_parallel(module, optimizer, scheduler, info, cfg.optim.max_grad_norm, cfg.deepspeed, cfg.precision)
 
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "trained_tokens": 0, "seen_tokens": 0, "train_s": 0.0}
     if resume_from is not None:
@@ -130,7 +127,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     metrics = MetricsLog(out, resume_step=state["step"] if resume_from else None) if info.is_main else None
     if info.is_main:
         _write_run_info(out, cfg, report, plans, samples, trained_tokens, params, model)
-    evaluator = Evaluator(cfg.eval, cfg.data, model, processor, out) if info.is_main else None
+    evaluator = Evaluator(cfg.eval, cfg.data, model, processor, out, parallel)
 
     # 4. the loop
     model.train()
@@ -150,6 +147,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
         scale, window_tokens = window_scale(sum(trained_tokens[i] for b in mine for i in b), info.world_size)
         t0 = time.perf_counter()
         loss_sum = 0.0
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step applies (DeepSpeed steps inside the last backward)
         for k, batch_ids in enumerate(mine):
             batch = collate([samples[i] for i in batch_ids], pad_id, builder.image_token_id)
             batch = {key: value.to(info.device) for key, value in batch.items() if key in TRAIN_INPUTS}
@@ -158,7 +156,6 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
                     micro_loss, _ = parallel.module(batch)
                 parallel.backward(micro_loss * scale)
             loss_sum += float(micro_loss.detach())
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step applies
         grad_norm = parallel.step()
         step_s = time.perf_counter() - t0
         state["train_s"] += step_s

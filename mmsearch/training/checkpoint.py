@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmsearch.training.model import save_hf
+from mmsearch.training.model import hf_model, save_hf
 from mmsearch.training.parallel import DistInfo, barrier
 
 # Keys that may change between a run and its resume without changing what is trained.
@@ -50,7 +50,7 @@ def save_checkpoint(out: Path, name: str, model, processor, parallel, state: dic
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "trainer_state").mkdir(parents=True)
     barrier(info)
-    full = parallel.full_state_dict()  # collective under ZeRO-3: every rank takes part
+    full = parallel.full_state_dict(hf_model(model))  # collective under ZeRO-3: every rank takes part
     if info.is_main:
         save_hf(model, processor, tmp, state_dict=full)
         if hasattr(model, "get_base_model"):
