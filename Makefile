@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN ?= runs/demo
 SEED ?= 0
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo app test test-all bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ demo: install
 	$(BIN)/mmsearch eval --config configs/eval/default.yaml --model $(RUN)/rl/final --data $(RUN)/dataset --split test \
 		--index $(RUN)/index --out $(RUN)/eval_rl
 	$(BIN)/mmsearch compare $(RUN)/eval $(RUN)/eval_rl --labels "SFT,SFT + RL"
+
+# The web page (Gradio, loopback) over a demo policy and its indexes, after `make demo`: Ask and Browse tabs.
+APP_MODEL ?= $(RUN)/sft/final
+app: install
+	$(BIN)/mmsearch app --model $(APP_MODEL) --index $(RUN)/index
 
 # Fast suite (what CI runs); `make test-all` adds the slow tests.
 test: install $(BIN)/.deepspeed

@@ -57,3 +57,10 @@ def test_crop_of_seen_box_contains_the_marked_region(width, height):
 def test_box_mapping_rounds_outward_and_clamps():
     assert seen_to_original_box((10.2, 10.2, 20.7, 20.7), (200, 100), (100, 50)) == (20, 20, 42, 42)
     assert seen_to_original_box((0, 0, 100, 50), (201, 99), (100, 50)) == (0, 0, 201, 99)
+
+
+def test_an_image_the_processor_refuses_is_an_error_result_not_a_crash():
+    """Qwen's resize refuses an aspect ratio over 200: the policy (or an MCP client) reads why (invariant 5)."""
+    result = Toolbox([CropTool(VISION)]).call("crop", {"image": 0, "bbox": [0, 0, 10, 10]},
+                                               ToolContext([Image.new("RGB", (2000, 8), "white")]))
+    assert result.is_error and "image 0 (2000x8) cannot be cropped" in result.text

@@ -9,8 +9,11 @@ starts in milliseconds.
 from __future__ import annotations
 
 import json
+import re
+import select
 import socket
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -87,6 +90,22 @@ def assert_same(remote: list[list[Hit]], expected: list[list[Hit]]) -> None:
             assert (g.title, g.text, g.entity_id, g.path) == (w.title, w.text, w.entity_id, w.path)
 
 
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """Status and body of one HTTP/1.1 response read from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed mid-response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: *(\d+)", head, re.IGNORECASE).group(1))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed mid-body"
+        body += chunk
+    return int(head.split()[1]), body[:length]
+
+
 class StubBackend:
     """Answers instantly (or fails), records its calls: for batching and error paths."""
 
@@ -106,6 +125,21 @@ class StubBackend:
         return [[Hit(id=f"{im.size}", title="", text="", score=1.0)] for im in images]
 
 
+class BusyBackend(StubBackend):
+    """Each search computes in Python, holding the GIL as an encoder's Python parts do, until released."""
+
+    def __init__(self):
+        super().__init__()
+        self.searching, self.release = threading.Event(), threading.Event()
+
+    def text_search(self, queries, k, mode=None):
+        self.searching.set()
+        deadline = time.monotonic() + 60  # a failing test must not spin forever
+        while not self.release.is_set() and time.monotonic() < deadline:
+            sum(i * i for i in range(10_000))
+        return super().text_search(queries, k, mode)
+
+
 # ---------------------------------------------------------------------------------------------
 # the real index: remote == in-process
 
@@ -116,6 +150,7 @@ def test_health_and_tool_schemas(server, client, local):
     assert health["fingerprint"] == local.fingerprint == client.fingerprint
     assert set(health["text_modes"]) == {"bm25", "dense", "hybrid"}
     assert health["image_search"] is True
+    assert health["limits"]["max_body_bytes"] == 32 * 2**20 == client.max_body_bytes
     names = [tool["function"]["name"] for tool in httpx.get(server.url + "/v1/tools").json()["tools"]]
     assert names == ["text_search", "image_search", "crop"]
 
@@ -204,6 +239,8 @@ def test_bad_requests_are_clear_4xx(server, client, query_images):
         resp = post(path, body)
         assert resp.status_code == status, (body, resp.text)
         assert fragment in resp.json()["error"], (body, resp.text)
+    resp = httpx.post(server.url + "/v1/text_search", content=b'{"queries": ["q"', headers={"content-type": "application/json"})
+    assert resp.status_code == 422 and "invalid request" in resp.json()["error"] and "JSON" in resp.json()["error"]
     with pytest.raises(SearchRequestError, match="HTTP 422"):
         client.text_search(["q"], 0)
 
@@ -287,3 +324,100 @@ def test_batcher_groups_by_arguments_and_splits_big_requests():
         (2, "bm25"), (3, "bm25"), (2, "dense"), (1, "hybrid"), (4, "bm25")
     }
     assert sum(n for _, n, _, _ in backend.calls) == 2 + 1 + 1 + 1 + 20 + 2  # "x" twice was searched once
+
+
+# ---------------------------------------------------------------------------------------------
+# request body limit, and /health under load
+
+
+def test_a_body_over_the_limit_is_refused_from_its_content_length():
+    backend = StubBackend()
+    with BackgroundServer(create_app(backend, ServeConfig(max_body_mb=1))) as running:
+        # 200 MB announced, none of it sent: the answer comes from the header alone.
+        with socket.create_connection((running.host, running.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/text_search HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 200000000\r\n\r\n")
+            status, body = read_response(sock)
+            assert sock.recv(1) == b""  # and it closed the connection rather than read the body
+        assert status == 413 and "limit of 1048576 bytes" in json.loads(body)["error"]
+        # A client that sends the body anyway reads the same answer.
+        resp = httpx.post(running.url + "/v1/image_search", content=b" " * (2 * 2**20),
+                          headers={"content-type": "application/json"})
+        assert resp.status_code == 413 and "max_body_mb" in resp.json()["error"]
+        assert backend.calls == []
+        # Just under the limit is served (and parsed off the event loop: it is large).
+        resp = httpx.post(running.url + "/v1/text_search", json={"queries": ["q" * 1_000_000], "k": 1})
+        assert resp.status_code == 200 and len(resp.json()["results"]) == 1
+        assert httpx.get(running.url + "/health").json()["status"] == "ok"
+
+
+def test_a_streamed_body_over_the_limit_is_refused_while_it_streams():
+    backend = StubBackend()
+    with BackgroundServer(create_app(backend, ServeConfig(max_body_mb=1))) as running:
+        with socket.create_connection((running.host, running.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/image_search HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            chunk = b"A" * 65536
+            frame = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+            sent = 0
+            # An endless body (256 MB at most, so a failing server cannot hold the test forever):
+            # stream until the server answers.
+            while sent < 256 * 2**20:
+                try:
+                    sock.sendall(frame)
+                except OSError:  # it answered and closed the connection
+                    break
+                sent += len(chunk)
+                if select.select([sock], [], [], 0)[0]:
+                    break
+            status, body = read_response(sock)
+        assert status == 413 and "max_body_mb" in json.loads(body)["error"]
+        # Refused a few socket buffers past the limit, not at the end of the body (which never came).
+        assert sent < 64 * 2**20
+        assert backend.calls == []
+        resp = httpx.post(running.url + "/v1/text_search", json={"queries": ["q"]})
+        assert resp.status_code == 200 and resp.json()["results"][0][0]["id"] == "q#0"
+
+
+def test_health_answers_while_heavy_searches_are_in_flight():
+    backend = BusyBackend()
+    statuses: list[int] = []
+
+    def search(i: int) -> None:
+        statuses.append(httpx.post(url + "/v1/text_search", json={"queries": [f"q{i}"]}, timeout=120).status_code)
+
+    with BackgroundServer(create_app(backend, ServeConfig(max_batch=4))) as running:
+        url = running.url
+        threads = [threading.Thread(target=search, args=(i,)) for i in range(16)]
+        for th in threads:
+            th.start()
+        try:
+            assert backend.searching.wait(30)
+            for _ in range(5):
+                # A functional check, not a latency target (that is benchmarks/bench_server_health.py):
+                # the bound only says /health did not wait for the searches.
+                health = httpx.get(url + "/health", timeout=10).json()
+                assert health["status"] == "ok"
+            assert all(th.is_alive() for th in threads)  # every search was still in flight
+        finally:
+            backend.release.set()
+            for th in threads:
+                th.join(timeout=60)
+    assert statuses == [200] * 16
+
+
+def test_client_splits_requests_to_fit_the_body_limit():
+    backend = StubBackend()
+    cfg = ServeConfig(max_body_mb=0.05)  # 52,428 bytes
+    rng = np.random.default_rng(0)
+    # Noise does not compress: each image is ~12 KB of base64, 6 of them too many for one request.
+    images = [Image.fromarray(rng.integers(0, 256, (48 + i, 64, 3), dtype=np.uint8)) for i in range(6)]
+    with BackgroundServer(create_app(backend, cfg)) as running, SearchClient([running.url]) as c:
+        assert c.max_body_bytes == 52_428
+        results = c.image_search(images, 1)
+        assert [hits[0].id for hits in results] == [str(im.size) for im in images]  # all of them, in order
+        sent = [n for kind, n, _, _ in backend.calls if kind == "image"]
+        assert sum(sent) == len(images) and len(sent) > 1
+        big = Image.fromarray(rng.integers(0, 256, (200, 200, 3), dtype=np.uint8))  # ~160 KB as base64 PNG
+        with pytest.raises(SearchRequestError, match="image 1 is .* bytes .* max_body_mb"):
+            c.image_search([images[0], big], 1)

@@ -91,4 +91,6 @@ class ServeConfig:
     max_batch: int = 64  # most queries fused into one encoder/FAISS call
     max_wait_ms: float = 2.0  # how long the batcher waits for more requests to join a batch
     max_queries_per_request: int = 256
+    # Request bodies over this are refused (413) before they are read; clients split by it (/health says it).
+    max_body_mb: float = 32.0
     cpu_threads: int = 0  # torch/FAISS threads; 0: the available cores less one (for the event loop)

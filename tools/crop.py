@@ -36,7 +36,10 @@ class CropTool(Tool):
 
     def check(self, arguments: dict, context: ToolContext) -> None:
         image = image_arg(context, arguments["image"])
-        width, height = seen_size(image.width, image.height, self.vision)
+        try:
+            width, height = seen_size(image.width, image.height, self.vision)
+        except ValueError as exc:  # e.g. an aspect ratio the processor refuses: an error the caller reads
+            raise ToolInputError(f"image {arguments['image']} ({image.width}x{image.height}) cannot be cropped: {exc}") from exc
         x1, y1, x2, y2 = arguments["bbox"]
         for label, value in (("x1", x1), ("y1", y1), ("x2", x2), ("y2", y2)):
             if not math.isfinite(value):

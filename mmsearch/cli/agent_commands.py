@@ -44,32 +44,76 @@ def eval_run(args) -> int:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     Path(cfg.out, "eval_config.yaml").write_text(to_yaml(cfg))
     summary = run_eval(cfg)
+    # again: building the loop set the crop tool's resize from the policy's processor (what its boxes mean)
+    Path(cfg.out, "eval_config.yaml").write_text(to_yaml(cfg))
     print(markdown(summary))
-    print(f"wrote {cfg.out}/trajectories.jsonl, summary.json, report.md")
+    print(f"wrote {cfg.out}/trajectories.jsonl, summary.json, report.md, report.html, images/")
+    return 0
+
+
+def eval_report(args) -> int:
+    from mmsearch.eval.render import write_html_report
+
+    run = Path(args.run)
+    for name in ("trajectories.jsonl", "summary.json"):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"{run / name} not found: pass a dir written by `mmsearch eval`")
+    path = write_html_report(run)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
 def ask(args) -> int:
-    from PIL import Image, UnidentifiedImageError
-
-    from mmsearch.agent.setup import build_loop
+    from mmsearch.agent.api import Agent, load_image
     from mmsearch.cli.ask_view import AskPrinter
     from mmsearch.eval.run import EvalConfig
-    from mmsearch.example import Example
 
     cfg = _load(EvalConfig, args, **_engine_flags(args))  # eval configs work for ask too (data keys unused)
-    try:
-        with Image.open(args.image) as img:
-            image = img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
-        print(f"mmsearch: error: cannot read image {args.image}: {exc}", file=sys.stderr)
-        return 2
+    image = load_image(args.image)  # before loading the policy: a bad image fails fast (ValueError: exit 2)
+    agent = Agent.from_pretrained(config=cfg)
     printer = AskPrinter(Path(args.out), as_json=args.json)
-    loop = build_loop(cfg, on_event=printer.on_event)
     printer.start(args.question, args.image)
-    [traj] = loop.run([Example("ask", args.question, [image], answers=[])])
-    printer.finish(traj)
+    for event in agent.stream(image, args.question):
+        printer.show(event)
     return 0  # the run worked even without an answer; stop_reason says how it ended
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def app_serve(args) -> int:
+    from mmsearch.app import ask as asking
+    from mmsearch.app.browse import find_runs
+    from mmsearch.app.policies import Policies, pretrained_factory
+    from mmsearch.eval.run import EvalConfig
+
+    policy = args.api_base or args.model
+    if not policy:
+        raise ValueError("mmsearch app needs a policy: --model DIR, or --api-base URL (with --served-model NAME)")
+    if not (args.index or args.server):
+        raise ValueError("mmsearch app needs the policy's tools: --index DIR (or --server URL)")
+    cfg = _load(EvalConfig, args, **_engine_flags(args))  # eval configs work here too (data keys unused)
+    if not args.config:
+        cfg.agent.sampling.temperature = 0.0  # the page starts greedy (reproducible); its slider changes it
+    policies = Policies(pretrained_factory(cfg))
+    print(f"loading {policy} ...", flush=True)
+    policies.get(policy)  # a bad --model fails here, before the page is up (UserError: exit 2)
+    kb = Path(args.kb) if args.kb else asking.kb_of_index(cfg.index if not cfg.server else None)
+    examples = asking.scene_examples(kb)
+    runs = list(args.run or []) + [r for r in find_runs("runs") if r not in (args.run or [])]
+    finals = sorted(str(p.parent) for p in Path("runs").glob("*/*/final/config.json"))  # other policies to pick
+    if args.host not in LOOPBACK:
+        print(f"mmsearch app: WARNING: serving on {args.host}, not loopback: anyone who can reach port {args.port} "
+              "can run the policy on this machine and open run dirs here; there is no login.", file=sys.stderr)
+    from mmsearch.app.ui import build_app, serve
+
+    app = build_app(policies, default_policy=policy, policy_choices=finals, examples=examples, runs=runs,
+                    default_run=runs[0] if runs else "", max_turns=cfg.agent.max_turns,
+                    temperature=cfg.agent.sampling.temperature, tools=cfg.tools.enabled)
+    print(f"mmsearch app on http://{args.host}:{args.port} (policy {policy}; {len(examples)} example scenes"
+          f"{' from ' + str(kb) if examples else ''}; {len(runs)} run dirs to browse). Ctrl-C stops it.", flush=True)
+    serve(app, args.host, args.port, quiet=True)  # (Gradio serves the examples from copies in its cache)
+    return 0
 
 
 def sft_run(args) -> int:

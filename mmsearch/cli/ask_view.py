@@ -1,4 +1,4 @@
-"""How `mmsearch ask` shows a trajectory as it happens: each turn, each tool result, saved crops."""
+"""How `mmsearch ask` shows a run as it happens (`Agent.stream` events): each turn, each tool result, saved crops."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmsearch.protocol import parse_action
-from mmsearch.trajectory import ToolCallRecord, Trajectory, TurnRecord
+from mmsearch.agent.api import AgentEvent, AgentResult
 
 RULE = "─" * 72
 
@@ -24,37 +23,40 @@ class AskPrinter:
     def start(self, question: str, image_path: str) -> None:
         self._print(f"{RULE}\nquestion: {question}\n[image 0] {image_path}")
 
-    def on_event(self, traj: Trajectory, kind: str, payload) -> None:
-        if kind == "turn":
-            self._turn(payload)
-        elif kind == "tool":
-            self._tool(traj, payload)
+    def show(self, event: AgentEvent) -> None:
+        """Print one event of `Agent.stream` (the start event is `start`'s, which knows the image's file)."""
+        if event.kind == "turn":
+            self._turn(event)
+        elif event.kind == "tool":
+            self._tool(event)
+        elif event.kind == "done":
+            self.finish(event.result)
 
-    def _turn(self, turn: TurnRecord) -> None:
-        action = parse_action(turn.text)
+    def _turn(self, event: AgentEvent) -> None:
         self._print(RULE)
-        if action.thinking:
-            self._print(f"think: {action.thinking}")
-        if turn.action == "tool_call":
-            self._print(f"call:  {action.name}({json.dumps(action.arguments, ensure_ascii=False)})")
-        elif turn.action == "answer":
-            self._print(f"answer: {action.answer}")
+        if event.thinking:
+            self._print(f"think: {event.thinking}")
+        if event.action == "tool_call":
+            self._print(f"call:  {event.name}({json.dumps(event.arguments, ensure_ascii=False)})")
+        elif event.action == "answer":
+            self._print(f"answer: {event.answer}")
         else:
-            self._print(f"invalid action ({turn.error})\n  wrote: {turn.text[:200]!r}")
+            self._print(f"invalid action ({event.error})\n  wrote: {event.text[:200]!r}")
 
-    def _tool(self, traj: Trajectory, record: ToolCallRecord) -> None:
-        text = record.result if len(record.result) < 1500 else record.result[:1500] + " …"
-        self._print(f"{record.name or 'observation'} -> " + text.replace("\n", "\n  "))
-        for number in record.new_images:
+    def _tool(self, event: AgentEvent) -> None:
+        text = event.text if len(event.text) < 1500 else event.text[:1500] + " …"
+        self._print(f"{event.name or 'observation'} -> " + text.replace("\n", "\n  "))
+        for number, image in zip(event.image_numbers, event.images):
             self.out.mkdir(parents=True, exist_ok=True)
             path = self.out / f"image_{number}.png"
-            traj.images[number].save(path)
+            image.save(path)
             self.saved[number] = str(path)
             self._print(f"  [image {number}] saved to {path}")
 
-    def finish(self, traj: Trajectory) -> None:
+    def finish(self, result: AgentResult) -> None:
+        traj = result.trajectory
         if self.as_json:
-            json.dump({**traj.to_record(), "image_files": self.saved}, sys.stdout, ensure_ascii=False)
+            json.dump({**result.to_record(), "image_files": self.saved}, sys.stdout, ensure_ascii=False)
             print()
             return
         self._print(RULE)

@@ -116,3 +116,11 @@ def serve(args) -> int:
     cfg = _load(ServeConfig, args, index=args.index, host=args.host, port=args.port)
     run_server(cfg)
     return 0
+
+
+def mcp_serve(args) -> int:
+    from tools.mcp_server import McpConfig, run_mcp
+
+    cfg = _load(McpConfig, args, index=args.index, transport=args.transport, host=args.host, port=args.port)
+    run_mcp(cfg)
+    return 0

@@ -20,15 +20,18 @@ HANDLERS = {
     ("search", "text"): "mmsearch.cli.commands:search_text",
     ("search", "image"): "mmsearch.cli.commands:search_image",
     ("serve",): "mmsearch.cli.commands:serve",
+    ("mcp",): "mmsearch.cli.commands:mcp_serve",
     ("demo", "tools"): "mmsearch.cli.demo:demo_tools",
     ("model", "init-tiny"): "mmsearch.cli.agent_commands:model_init_tiny",
     ("eval",): "mmsearch.cli.agent_commands:eval_run",
     ("ask",): "mmsearch.cli.agent_commands:ask",
+    ("app",): "mmsearch.cli.agent_commands:app_serve",
     ("synth",): "mmsearch.cli.data_commands:synth_run",
     ("sft",): "mmsearch.cli.agent_commands:sft_run",
     ("rl",): "mmsearch.cli.agent_commands:rl_run",
     ("compare",): "mmsearch.cli.agent_commands:compare_runs",
     ("synth-import",): "mmsearch.cli.data_commands:synth_import",
+    ("eval-report",): "mmsearch.cli.agent_commands:eval_report",
 }
 
 
@@ -78,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     _job_args(p)
 
+    p = sub.add_parser("mcp", help="serve the three tools to MCP clients (stdio, or streamable HTTP on loopback)")
+    p.add_argument("--index", help="index dir")
+    p.add_argument("--transport", choices=["stdio", "http"], help="stdio (the default) or streamable HTTP")
+    p.add_argument("--host", help="http: address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="http: port (default 8000)")
+    _job_args(p)
+
     model = sub.add_parser("model", help="policies").add_subparsers(dest="action", required=True)
     p = model.add_parser("init-tiny", help="build the tiny Qwen2.5-VL policy (tokenizer trained on a KB)")
     p.add_argument("--kb", help="KB dir whose text trains the tokenizer")
@@ -88,14 +98,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset dir, or JSONL/Parquet file (generic, InfoSeek, FVQA/MMSearch-R1)")
     p.add_argument("--split")
     p.add_argument("--limit", type=int, help="first N examples")
-    p.add_argument("--out", help="dir for trajectories.jsonl, summary.json, report.md")
+    p.add_argument("--out", help="dir for trajectories.jsonl, summary.json, report.md, report.html, images/ "
+                                 "(`mmsearch eval report DIR` re-renders report.html)")
     _policy_args(p)
+
+    p = sub.add_parser("eval-report", help="the same as `mmsearch eval report`: (re)write an eval run's report.html")
+    p.add_argument("run", help="eval run dir (trajectories.jsonl, summary.json, images/)")
 
     p = sub.add_parser("ask", help="ask the agent one question about an image and watch it work")
     p.add_argument("question")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--out", default="runs/ask", help="dir for the images tools return (crops)")
     p.add_argument("--json", action="store_true", help="print the trajectory as JSON")
+    _policy_args(p)
+
+    p = sub.add_parser("app", help="a web page (Gradio) to ask the agent about images and browse run trajectories")
+    p.add_argument("--kb", help="KB dir whose scenes are the examples (default: the one the index was built from)")
+    p.add_argument("--run", action="append", help="run dir offered in Browse (repeat; runs/ is searched too)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; anything else is reachable "
+                                                       "by others, with no login)")
+    p.add_argument("--port", type=int, default=7860)
     _policy_args(p)
 
     p = sub.add_parser("synth", help="synthesize a multi-hop VQA dataset with gold tool-use trajectories "
@@ -168,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["synth", "import"]:  # `synth` itself takes key=value positionals, so `import` is routed here
         argv = ["synth-import", *argv[2:]]
+    if argv[:2] == ["eval", "report"]:  # likewise for `eval report`
+        argv = ["eval-report", *argv[2:]]
     # key=value overrides may come after options (argparse only collects them right after the positionals).
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]

@@ -132,29 +132,35 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _group_table(title: str, label: str, groups: dict) -> str:
+def _group_table(title: str, label: str, groups: dict) -> tuple[str, list[str], list[list[str]]]:
     rows = [[k, str(g["n"]), str(g["n_questions"]), _pct(g["em"]), _pct(g["f1"]), _pct(g["accuracy"])]
             for k, g in groups.items()]
-    return f"## By {title}\n\n" + _table([label, "trajectories", "questions", "EM", "F1", "accuracy"], rows)
+    return f"By {title}", [label, "trajectories", "questions", "EM", "F1", "accuracy"], rows
 
 
-def markdown(summary: dict) -> str:
-    """A readable report of `summarize`'s output: headline, breakdowns, tools, behaviour, stop reasons."""
+def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """`summarize`'s output as (title, header, rows) tables of formatted cells; the headline's title is "".
+
+    report.md and report.html show the same tables, so they show the same numbers.
+    """
     o = summary["overall"]
-    headline = _table(
+    headline = (
+        "",
         ["questions", "trajectories", "EM", "F1", f"accuracy ({o['accuracy_metric']})", "used search",
          "mean turns", "wall s", "trajectories/s"],
         [[str(o["n_questions"]), str(o["n_trajectories"]), _pct(o["em"]), _pct(o["f1"]), _pct(o["accuracy"]),
           _pct(summary["search_share"]), _num(summary["mean_turns"]), _num(summary["wall_s"], 1),
           _num(summary["trajectories_per_s"])]],
     )
-    tools = _table(
+    tools = (
+        "Tools",
         ["tool", "calls per question", "share of trajectories using it", "calls", "errors"],
         [[name, _num(t["calls_per_question"]), _pct(t["share_used"]), str(t["calls"]), str(t["errors"])]
          for name, t in summary["tools"].items()],
     )
     errors = summary["tool_errors"]
-    behaviour = _table(
+    behaviour = (
+        "Behaviour",
         ["measure", "value"],
         [["mean turns", _num(summary["mean_turns"])],
          ["mean generated tokens", _num(summary["mean_generated_tokens"], 1)],
@@ -166,18 +172,23 @@ def markdown(summary: dict) -> str:
          ["share of tool calls that failed", _pct(errors["share_of_calls"])]],
     )
     n = o["n_trajectories"]
-    stops = _table(["stop reason", "trajectories", "share"],
-                   [[k, str(v), _pct(v / n if n else 0.0)] for k, v in summary["stop_reasons"].items()])
-    return "\n\n".join([
-        "# Evaluation report",
+    stops = ("Stop reasons", ["stop reason", "trajectories", "share"],
+             [[k, str(v), _pct(v / n if n else 0.0)] for k, v in summary["stop_reasons"].items()])
+    return [
         headline,
         _group_table("hop count", "hops", summary["by_hops"]),
         _group_table("kind", "kind", summary["by_kind"]),
         _group_table("requires search", "requires search", summary["by_requires_search"]),
-        "## Tools\n\n" + tools,
-        "## Behaviour\n\n" + behaviour,
-        "## Stop reasons\n\n" + stops,
-    ]) + "\n"
+        tools,
+        behaviour,
+        stops,
+    ]
+
+
+def markdown(summary: dict) -> str:
+    """A readable report of `summarize`'s output: headline, breakdowns, tools, behaviour, stop reasons."""
+    sections = [(f"## {title}\n\n" if title else "") + _table(header, rows) for title, header, rows in tables(summary)]
+    return "\n\n".join(["# Evaluation report", *sections]) + "\n"
 
 
 def write_report(out_dir: str | Path, records: list[dict], examples: dict[str, Example], wall_s: float) -> dict:

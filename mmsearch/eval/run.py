@@ -1,8 +1,18 @@
-"""`mmsearch eval`: the agent loop over a split, scored, written as trajectories + summary + report."""
+"""`mmsearch eval`: the agent loop over a split, scored, written as trajectories + summary + report.
+
+OUT/trajectories.jsonl holds one record per trajectory: `Trajectory.to_record()` plus the example's
+`answers`, `kind`, `hops` and `requires_search`, and `image_files`, the path (relative to OUT) of
+every image by its number: the question's under images/<example>-<n>.jpg (shared by its samples),
+the ones tools returned under images/<example>-<sample>-<n>.png. Each crop that ran carries `box`,
+where it was cut in pixels of its source image as stored. So report.html (`mmsearch.eval.render`),
+or any viewer, renders a run from its dir alone.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +21,9 @@ from tqdm import tqdm
 
 from mmsearch.agent.loop import AgentLoop, Timings
 from mmsearch.agent.setup import RolloutConfig, build_loop
+from mmsearch.example import Example
 from mmsearch.rewards import RewardConfig, compute_rewards_batch
+from mmsearch.trajectory import Trajectory
 
 
 @dataclass
@@ -29,6 +41,7 @@ class EvalConfig(RolloutConfig):
 def run_eval(cfg: EvalConfig, engine=None, progress: bool = True, loop: AgentLoop | None = None) -> dict:
     """Roll out, score and report; `loop` reuses a built agent loop (SFT's periodic eval), else one is built."""
     from mmsearch.eval.loaders import load_examples
+    from mmsearch.eval.render import write_html_report
     from mmsearch.eval.report import write_report
 
     if not cfg.data:
@@ -45,12 +58,15 @@ def run_eval(cfg: EvalConfig, engine=None, progress: bool = True, loop: AgentLoo
     else:
         loop.on_event = on_event
         loop.timings = Timings()
+    crop = loop.toolbox.tools.get("crop")
+    vision = getattr(crop, "vision", None)  # how the crop tool mapped the policy's boxes to stored pixels
     start = time.perf_counter()
     records = []
+    written: set[str] = set()
     for first in range(0, len(examples), cfg.chunk):
         trajectories = loop.run(examples[first:first + cfg.chunk], n_samples=cfg.n_samples)
         compute_rewards_batch(trajectories, by_id, cfg.rewards)
-        records += [t.to_record() for t in trajectories]
+        records += [_record(t, by_id[t.example_id], Path(cfg.out), vision, written) for t in trajectories]
     bar.close()
     wall = time.perf_counter() - start
     summary = write_report(cfg.out, records, by_id, wall)
@@ -58,4 +74,48 @@ def run_eval(cfg: EvalConfig, engine=None, progress: bool = True, loop: AgentLoo
     summary["timings"] = {"generate_s": loop.timings.generate_s, "tools_s": loop.timings.tools_s,
                           "bookkeeping_s": loop.timings.bookkeeping_s}
     Path(cfg.out, "summary.json").write_text(json.dumps(summary, indent=2))
+    write_html_report(cfg.out)
     return summary
+
+
+def _record(traj: Trajectory, example: Example, out: Path, vision, written: set[str]) -> dict:
+    """The trajectory's log record, with its example's gold and labels, its saved images and crop boxes."""
+    from mmsearch.eval.render import add_crop_boxes
+
+    record = traj.to_record()
+    record.update(answers=list(example.answers), kind=example.kind, hops=example.hops,
+                  requires_search=example.requires_search)
+    record["image_files"] = _save_images(out, traj, len(example.images), written)
+    if vision is not None:
+        add_crop_boxes(record, traj.images, vision)
+    return record
+
+
+def _file_stem(example_id: str) -> str:
+    """A file-name-safe stem for an example id (ids with other characters get a hash, so two never collide)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", example_id)[:80]
+    if stem != example_id:
+        stem += "-" + hashlib.sha1(example_id.encode()).hexdigest()[:8]
+    return stem
+
+
+def _save_images(out: Path, traj: Trajectory, n_question: int, written: set[str]) -> list[str]:
+    """Write the trajectory's images under out/images/; their paths relative to `out`, by image number.
+
+    The question's images are JPEG (full size; one file per example, its samples share it), tool
+    images PNG (crops and thumbnails are small, and exact pixels keep boxes honest).
+    """
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    stem = _file_stem(traj.example_id)
+    files = []
+    for n, image in enumerate(traj.images):
+        if n < n_question:
+            rel = f"images/{stem}-{n}.jpg"
+            if rel not in written:
+                image.convert("RGB").save(out / rel, "JPEG", quality=90)
+                written.add(rel)
+        else:
+            rel = f"images/{stem}-{traj.sample}-{n}.png"
+            image.save(out / rel, "PNG")
+        files.append(rel)
+    return files

@@ -97,6 +97,9 @@ def _build_bm25(kb: KB, kb_fingerprint: str, out: Path, progress: bool) -> Manif
         raise ValueError(f"{kb.root} has no passages to index")
     retriever = bm25s.BM25()
     retriever.index(token_ids, show_progress=False)
+    # An index built from token ids has int vocab keys. bm25s saves with orjson when it is installed (Gradio
+    # brings it), which refuses them; the stdlib json it uses otherwise wrote them as strings: so do we.
+    retriever.vocab_dict = {str(k): v for k, v in retriever.vocab_dict.items()}
     retriever.save(out, show_progress=False)
     tokenizer.save_vocab(out)
     tokenizer.save_stopwords(out)

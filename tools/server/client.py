@@ -2,7 +2,8 @@
 
 Tools cannot tell it from in-process `LocalSearch`: same methods, same `Hit`s, same scores. One
 client is meant to be shared by every thread of a rollout worker (httpx's pool is thread-safe and
-keeps connections alive). Requests go round-robin over the replicas; a connect error, a timeout or
+keeps connections alive). Requests are split to fit the server's limits, which /health states
+(queries per request, request body size). Requests go round-robin over the replicas; a connect error, a timeout or
 a 5xx moves the request to the next replica, and a replica that failed to connect is skipped for a
 few seconds so that every request does not pay for it again. A 4xx is the caller's mistake and is
 raised at once. When every attempt fails, `SearchServerError` says what each replica answered; the
@@ -17,6 +18,7 @@ Replicas that are down at construction are not an error: rollout workers may sta
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import threading
 import time
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 64  # queries per request until /health tells us the server's limit
+BODY_OVERHEAD = 256  # bytes of a request body besides its queries or images: the keys, k, mode
 PROBE_TIMEOUT_S = 5.0
 DOWN_COOLDOWN_S = 5.0  # how long a replica that refused a connection is skipped
 
@@ -68,6 +71,7 @@ class SearchClient:
         self._down_until: dict[str, float] = {}
         self._fingerprint: str | None = None
         self.max_queries_per_request = DEFAULT_CHUNK
+        self.max_body_bytes: int | None = None  # None: the server states no limit (older servers)
         try:
             self._probe()
         except Exception:
@@ -86,15 +90,15 @@ class SearchClient:
 
     def text_search(self, queries: list[str], k: int, mode: TextMode | None = None) -> list[list[Hit]]:
         results: list[list[Hit]] = []
-        for chunk in self._chunks(queries):
+        for chunk in self._chunks(queries, "query"):
             payload = {"queries": chunk, "k": k, **({"mode": mode} if mode else {})}
             results += results_from_json(self._post("/v1/text_search", payload)["results"])
         return results
 
     def image_search(self, images: list[Image.Image], k: int, thumbnails: bool = False) -> list[list[Hit]]:
         results: list[list[Hit]] = []
-        for chunk in self._chunks(images):
-            payload = {"images": [encode_image(img) for img in chunk], "k": k, "thumbnails": thumbnails}
+        for chunk in self._chunks([encode_image(img) for img in images], "image"):
+            payload = {"images": chunk, "k": k, "thumbnails": thumbnails}
             results += results_from_json(self._post("/v1/image_search", payload)["results"])
         return results
 
@@ -118,15 +122,38 @@ class SearchClient:
 
     # ---- internals
 
-    def _chunks(self, items: list) -> list[list]:
-        size = max(1, self.max_queries_per_request)
-        return [items[i : i + size] for i in range(0, len(items), size)]
+    def _chunks(self, items: list[str], what: str) -> list[list[str]]:
+        """Consecutive runs of items, one per request: at most max_queries_per_request of them, in a
+        body under max_body_bytes. One item too large for any request is a SearchRequestError here:
+        the server would refuse it (413)."""
+        count_limit = max(1, self.max_queries_per_request)
+        byte_limit = self.max_body_bytes
+        chunks: list[list[str]] = []
+        chunk: list[str] = []
+        size = BODY_OVERHEAD
+        for i, item in enumerate(items):
+            # Measured as JSON (escapes included); base64 and most queries are that long plus 2.
+            n = len(json.dumps(item)) + 1 if byte_limit else 0
+            if byte_limit and BODY_OVERHEAD + n > byte_limit:
+                raise SearchRequestError(
+                    f"{what} {i} is {n} bytes as JSON; the tool server takes request bodies of at most "
+                    f"{byte_limit} bytes (its max_body_mb)"
+                )
+            if chunk and (len(chunk) >= count_limit or (byte_limit and size + n > byte_limit)):
+                chunks.append(chunk)
+                chunk, size = [], BODY_OVERHEAD
+            chunk.append(item)
+            size += n
+        if chunk:
+            chunks.append(chunk)
+        return chunks
 
     def _probe(self) -> list[str]:
         """Ask every replica's /health; agreeing replicas set the fingerprint. Returns the failures."""
         fingerprints: dict[str, str] = {}
         errors: list[str] = []
         limits: list[int] = []
+        body_limits: list[int] = []
         for url in self.urls:
             try:
                 resp = self._http.get(url + "/health", timeout=min(self.timeout_s, PROBE_TIMEOUT_S))
@@ -138,11 +165,15 @@ class SearchClient:
                 continue
             if limit := health.get("limits", {}).get("max_queries_per_request"):
                 limits.append(int(limit))
+            if body_limit := health.get("limits", {}).get("max_body_bytes"):
+                body_limits.append(int(body_limit))
         if len(set(fingerprints.values())) > 1:
             listing = ", ".join(f"{url} -> {fp}" for url, fp in fingerprints.items())
             raise ValueError(f"tool-server replicas serve different indexes ({listing}); they would answer differently")
         if limits:
             self.max_queries_per_request = min(limits)
+        if body_limits:
+            self.max_body_bytes = min(body_limits)
         if fingerprints:
             with self._lock:
                 self._fingerprint = self._fingerprint or next(iter(fingerprints.values()))
