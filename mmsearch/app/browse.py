@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmsearch.app.policies import UserError, summary
-from mmsearch.eval.render import _run_images, correctness, render_trajectory
+from mmsearch.eval.render import correctness, render_trajectory, run_images
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def filter_records(run: Run, **filters: str) -> list[int]:
 def images_of(run: Run, record: dict):
     """The record's images by number: files under an eval run's images/, none for an RL run's records."""
     files = record.get("image_files")
-    return _run_images(Path(run.path), files) if files else None
+    return run_images(Path(run.path), files) if files else None
 
 
 def render_record(run: Run, index: int) -> str:

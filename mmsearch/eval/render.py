@@ -394,7 +394,7 @@ def _html_table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return f'{heading}<table class="mms-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def _run_images(run: Path, files) -> list[Path | None] | dict[int, Path | None]:
+def run_images(run: Path, files) -> list[Path | None] | dict[int, Path | None]:
     """A record's `image_files` resolved under the run dir; paths that leave it are ignored."""
     root = run.resolve()
 
@@ -464,7 +464,7 @@ def render_run(run_dir: str | Path, max_side: int = MAX_SIDE, quality: int = JPE
                         f'{" (gold: " + escape(str(gold[0])) + ")" if gold else ""}</span> '
                         f'<span class="mms-id">#{i} {escape(str(record.get("example_id")))}/{record.get("sample", 0)}'
                         f' · {len(record.get("tool_calls", []))} calls</span>')
-        fragment = render_trajectory(record, _run_images(run, record.get("image_files")), metric=metric,
+        fragment = render_trajectory(record, run_images(run, record.get("image_files")), metric=metric,
                                      show_system=len(systems) > 1, max_side=max_side, quality=quality)
         parts.append(f'<details class="mms-item" id="t{i}"><summary>{summary_line}</summary>{fragment}</details>')
     title = f"mmsearch eval · {run.resolve().name}"

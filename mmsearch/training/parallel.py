@@ -173,7 +173,7 @@ class TorchParallel:
 
 
 class DeepSpeedParallel:
-    """DeepSpeed ZeRO-2/3 (GPU): it partitions optimizer state (and with ZeRO-3 the weights) across ranks.
+    """DeepSpeed ZeRO-2/3: it partitions optimizer state and gradients (with ZeRO-3 the weights too) across ranks.
 
     Written against deepspeed.initialize / engine.backward / engine.step /
     engine.set_gradient_accumulation_boundary. On a CPU, DeepSpeed runs over gloo: the test suite checks
@@ -184,7 +184,7 @@ class DeepSpeedParallel:
                  precision: str):
         import deepspeed
 
-        zero_stage(config_path)  # a clear error for a missing or broken file
+        self.zero_stage = zero_stage(config_path)  # a clear error for a missing or broken file
         config = json.loads(Path(config_path).read_text())
         # Our micro-batches are token-budgeted and a window ends where the loop says (set_gradient_accumulation_
         # boundary); DeepSpeed only uses these numbers for its own bookkeeping.
@@ -198,7 +198,6 @@ class DeepSpeedParallel:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config,
             model_parameters=[p for p in module.parameters() if p.requires_grad])
         self.module = self.engine
-        self.zero_stage = config.get("zero_optimization", {}).get("stage", 0)
 
     def accumulating(self, last: bool):
         """The window ends at `last`: DeepSpeed steps its optimizer after that micro-batch's backward."""
