@@ -93,13 +93,18 @@ def start_server(kind: str, index_dir: Path, port: int, log_path: Path, override
         cmd = [sys.executable, "-c", code, "serve", "--index", str(index_dir), "--port", str(port), *overrides]
     else:
         cmd = [sys.executable, str(REPO / "benchmarks" / "naive_server.py"), "--index", str(index_dir), "--port", str(port)]
+    return launch(cmd, REPO, port, log_path, f"{kind} server")
+
+
+def launch(cmd: list[str], cwd: Path, port: int, log_path: Path, name: str, env: dict | None = None) -> subprocess.Popen:
+    """Start a server process (output to `log_path`) and wait until its /health answers 200."""
     log = log_path.open("w")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{kind} server exited with {proc.returncode}; see {log_path}")
+            raise SystemExit(f"{name} exited with {proc.returncode}; see {log_path}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc
@@ -107,7 +112,7 @@ def start_server(kind: str, index_dir: Path, port: int, log_path: Path, override
             pass
         time.sleep(0.2)
     stop_server(proc)
-    raise SystemExit(f"{kind} server did not come up within {START_TIMEOUT_S}s; see {log_path}")
+    raise SystemExit(f"{name} did not come up within {START_TIMEOUT_S}s; see {log_path}")
 
 
 def batcher_stats(url: str) -> dict | None:

@@ -30,11 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import START_TIMEOUT_S, drive, free_port, load_workload, stop_server
+from bench_server import drive, free_port, launch, load_workload, stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE_TIMEOUT_S = 10.0
@@ -49,21 +48,7 @@ def start_server(code_dir: Path, index_dir: Path, port: int, log_path: Path, ove
     run = "import sys; from mmsearch.cli.main import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", run, "serve", "--index", str(index_dir), "--port", str(port), *overrides]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code_dir), os.environ.get("PYTHONPATH")]))}
-    log = log_path.open("w")
-    proc = subprocess.Popen(cmd, cwd=code_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server from {code_dir} exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_server(proc)
-    raise SystemExit(f"server from {code_dir} did not come up within {START_TIMEOUT_S}s; see {log_path}")
+    return launch(cmd, code_dir, port, log_path, f"server from {code_dir}", env)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ class ToolCallRecord:
     result: str
     is_error: bool
     new_images: list[int] = field(default_factory=list)  # numbers of the images it returned
+    box: list[int] | None = None  # crop: where it cut, in pixels of the source image as stored (ToolResult.box)
 
 
 @dataclass

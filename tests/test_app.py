@@ -205,10 +205,12 @@ def test_a_dir_that_is_not_a_policy(tmp_path):
 
 
 def test_examples_come_from_the_kb_the_index_was_built_on(tmp_path):
+    from tools.index.manifest import Manifest
+
     kb, index = tmp_path / "kb", tmp_path / "index"
     (kb / "scenes").mkdir(parents=True)
     (index / "bm25").mkdir(parents=True)
-    (index / "bm25" / "manifest.json").write_text(json.dumps({"kind": "bm25", "kb_dir": str(kb)}))
+    Manifest("bm25", "bm25s", "1", 0, "", "fingerprint", str(kb), 0).save(index / "bm25")
     for i in range(3):
         _image(kb / "scenes" / f"scene_{i}.png", (32, 24))
     (kb / "entities.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [

@@ -244,20 +244,20 @@ def test_cli_rerenders_a_run_dir(run):
     assert path.read_text(encoding="utf-8") == run["html"]
 
 
-def test_fragment_from_live_images_places_boxes_with_the_vision_config(run):
-    """The Ask view's path: a record without boxes, PIL images, and the crop tool's resize config."""
-    from mmsearch.agent.setup import vision_from_processor
-    from tools.config import VisionResizeConfig
-
+def test_fragment_from_live_images_draws_the_box_the_crop_tool_reports(run):
+    """The Ask view's path: a record and PIL images; the box comes from the crop tool (ToolResult.box)."""
     record = json.loads(json.dumps(next(r for r in run["records"] if r["example_id"] == "ex0")))
-    box = record["tool_calls"][0].pop("box")
+    box = record["tool_calls"][0]["box"]
     images = [Image.open(run["out"] / f).convert("RGB") for f in record["image_files"]]
-    vision = vision_from_processor(run["hf_engine"].processor, VisionResizeConfig())
     page = Page()
-    page.feed(render_trajectory(record, images, vision=vision))
+    page.feed(render_trajectory(record, images))
     [boxed] = [a for tag, a, _ in page.tags if tag == "img" and a.get("class") == "mms-boxed"]
     assert boxed["data-box"] == ",".join(map(str, box))
     page = Page()
-    page.feed(render_trajectory(record, {0: images[0]}))  # no vision, a crop not at hand: no box, "not saved"
-    assert not [a for tag, a, _ in page.tags if tag == "img" and a.get("class") == "mms-boxed"]
+    page.feed(render_trajectory(record, {0: images[0]}))  # the crop not at hand: its box still drawn, it "not saved"
+    assert [a for tag, a, _ in page.tags if tag == "img" and a.get("class") == "mms-boxed"]
     assert "image 1: not saved" in "".join(page.text)
+    del record["tool_calls"][0]["box"]  # a record from before crops reported their box: no box drawn
+    page = Page()
+    page.feed(render_trajectory(record, images))
+    assert not [a for tag, a, _ in page.tags if tag == "img" and a.get("class") == "mms-boxed"]

@@ -27,6 +27,9 @@ class ToolResult:
     text: str
     images: list[Image.Image] = field(default_factory=list)
     is_error: bool = False
+    # crop: where the new image was cut, [x1, y1, x2, y2] in pixels of the source image as stored (for logs
+    # and viewers; the model reads `text`)
+    box: list[int] | None = None
 
     @classmethod
     def error(cls, message: str) -> ToolResult:

@@ -67,4 +67,5 @@ class CropTool(Tool):
         return ToolResult(
             text=f"Cropped image {arguments['image']} at {shown} -> [image {new_image_number(context)}]",
             images=[crop],
+            box=list(box),
         )

@@ -105,6 +105,7 @@ class AgentEvent:
     is_error: bool = False
     images: list[Image.Image] = field(default_factory=list)
     image_numbers: list[int] = field(default_factory=list)
+    box: list[int] | None = None  # a crop's: where it cut, in pixels of the source image
     stop_reason: str | None = None
     result: AgentResult | None = None
 
@@ -125,7 +126,7 @@ def to_event(traj: Trajectory, kind: str, payload: object) -> AgentEvent:
         record: ToolCallRecord = payload
         return AgentEvent("tool", turn=record.turn, text=record.result, name=record.name, arguments=record.arguments,
                           is_error=record.is_error, images=[traj.images[n] for n in record.new_images],
-                          image_numbers=list(record.new_images))
+                          image_numbers=list(record.new_images), box=record.box)
     if kind == "done":
         return AgentEvent("done", answer=traj.final_answer, stop_reason=traj.stop_reason,
                           result=AgentResult.from_trajectory(traj))

@@ -204,7 +204,7 @@ class AgentLoop:
         self.timings.tools_s += time.perf_counter() - t0
         for (traj, _, record), result in zip(pending, results):
             result = self._limit_images(traj, result)
-            record.result, record.is_error = result.text, result.is_error
+            record.result, record.is_error, record.box = result.text, result.is_error, result.box
             record.new_images = list(range(len(traj.images), len(traj.images) + len(result.images)))
             traj.tool_calls.append(record)
             self._respond(traj, record, result.images, f"call_{record.turn}")

@@ -84,12 +84,14 @@ _SCENE_QUESTIONS = {
 
 def kb_of_index(index: str | Path | None) -> Path | None:
     """The KB dir an index dir was built from (its manifests name it), if it still exists."""
+    from tools.index.manifest import MANIFEST_FILE, Manifest
+
     if not index:
         return None
-    for manifest in sorted(Path(index).glob("*/manifest.json")):
+    for manifest in sorted(Path(index).glob(f"*/{MANIFEST_FILE}")):
         try:
-            kb = json.loads(manifest.read_text()).get("kb_dir")
-        except (OSError, ValueError):
+            kb = Manifest.load(manifest.parent).kb_dir
+        except (OSError, ValueError, TypeError):  # IndexLoadError is a ValueError; TypeError: unknown keys
             continue
         if kb and Path(kb).is_dir():
             return Path(kb)
@@ -168,7 +170,7 @@ class StreamedRecord:
                 fields = {"tool_call_id": f"call_{event.turn}", "name": event.name}
                 r["tool_calls"].append({"turn": event.turn, "name": event.name, "arguments": event.arguments,
                                         "result": event.text, "is_error": event.is_error,
-                                        "new_images": list(event.image_numbers)})
+                                        "new_images": list(event.image_numbers), "box": event.box})
             r["messages"].append({"role": "tool", **fields, "content": [
                 {"type": "text", "text": event.text}, *({"type": "image", "image": n} for n in event.image_numbers)]})
         elif event.kind == "done":
@@ -180,8 +182,8 @@ class StreamedRecord:
     def done(self) -> bool:
         return self.result is not None
 
-    def html(self, vision=None) -> str:
-        return render_trajectory(self.record, self.images, vision=vision)
+    def html(self) -> str:
+        return render_trajectory(self.record, self.images)
 
     def status(self) -> str:
         """One line on where the run is."""
@@ -250,7 +252,7 @@ def run_ask(policies: Policies, image_path, question, policy_name: str, max_turn
         agent = policy.agent_for(max_turns, temperature, list(tools or []))
         state = None
         for state in stream_run(agent, image, question):
-            shown = state.html(policy.vision)
+            shown = state.html()
             if not state.done:
                 yield AskView("working", state.status(), shown)
         if state is None or not state.done:

@@ -70,11 +70,6 @@ class Policy:
     def tools(self) -> list[str]:
         return list(self.agent.loop.toolbox.tools)
 
-    @property
-    def vision(self):
-        """The crop tool's resize (where the policy's boxes land in the stored image), or None without crop."""
-        return getattr(self.agent.loop.toolbox.tools.get("crop"), "vision", None)
-
     def agent_for(self, max_turns: int, temperature: float, tools: Sequence[str]) -> Agent:
         """An Agent on this policy's engine with these limits and only these tools (the system prompt lists them)."""
         base = self.agent.loop

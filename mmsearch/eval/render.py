@@ -93,27 +93,6 @@ pre.mms-system{white-space:pre-wrap;font-size:12px;background:#f5f6f8;padding:8p
 
 # -- crop boxes ---------------------------------------------------------------------------------------------
 
-def crop_box(arguments: dict, source_size: tuple[int, int], vision) -> list[int]:
-    """The crop tool's box in pixels of the source image as stored (the policy wrote it in its resized view)."""
-    from tools.imaging import seen_size, seen_to_original_box
-
-    seen = seen_size(source_size[0], source_size[1], vision)
-    return list(seen_to_original_box(tuple(arguments["bbox"]), source_size, seen))
-
-
-def add_crop_boxes(record: dict, images: Sequence[Image.Image] | Mapping[int, Image.Image], vision) -> dict:
-    """Give every crop that ran a `box`: where it was cut, in pixels of its source image (`images[arguments.image]`).
-
-    `vision` is the resize the crop tool mapped boxes with (`toolbox.tools["crop"].vision`).
-    """
-    for call in record.get("tool_calls", []):
-        if call.get("name") != "crop" or call.get("is_error") or not call.get("new_images"):
-            continue
-        source = images[call["arguments"]["image"]]
-        call["box"] = crop_box(call["arguments"], source.size, vision)
-    return record
-
-
 def draw_box(image: Image.Image, box: Sequence[float]) -> Image.Image:
     """A copy of `image` with `box` ([x1, y1, x2, y2], right/bottom exclusive, in its pixels) outlined inside."""
     out = image.convert("RGB")
@@ -324,7 +303,7 @@ def _final(record: dict, answers: Sequence[str] | None, metric: str | None) -> s
 
 
 def render_trajectory(record: dict, images: Sequence[ImageRef] | Mapping[int, ImageRef] | None = None, *,
-                      answers: Sequence[str] | None = None, vision=None, metric: str | None = None,
+                      answers: Sequence[str] | None = None, metric: str | None = None,
                       show_system: bool = False, max_side: int = MAX_SIDE, quality: int = JPEG_QUALITY) -> str:
     """One trajectory as an HTML fragment (`<article class="mms-traj">`, styled by `CSS`).
 
@@ -334,16 +313,8 @@ def render_trajectory(record: dict, images: Sequence[ImageRef] | Mapping[int, Im
       as "not saved".
     answers: the gold answers (default: the record's `answers`); `metric`: the reward that decides
       correct/wrong (default: substring when scored, else exact_match, as the eval summary).
-    vision: the crop tool's resize config, to place crop boxes a record does not carry (`add_crop_boxes`).
     """
     imgs = _Images(images, max_side, quality)
-    if vision is not None and any(c.get("name") == "crop" and "box" not in c for c in record.get("tool_calls", [])):
-        sources = {c["arguments"].get("image") for c in record["tool_calls"]
-                   if c.get("name") == "crop" and not c.get("is_error") and isinstance(c.get("arguments"), dict)}
-        opened = {n: imgs.open(n) for n in sources}
-        if all(opened.values()):
-            record = {**record, "tool_calls": [dict(c) for c in record["tool_calls"]]}
-            add_crop_boxes(record, opened, vision)
     answers = record.get("answers") if answers is None else answers
     calls = {c.get("turn"): c for c in record.get("tool_calls", [])}
     turns = record.get("turns", [])

@@ -3,8 +3,8 @@
 OUT/trajectories.jsonl holds one record per trajectory: `Trajectory.to_record()` plus the example's
 `answers`, `kind`, `hops` and `requires_search`, and `image_files`, the path (relative to OUT) of
 every image by its number: the question's under images/<example>-<n>.jpg (shared by its samples),
-the ones tools returned under images/<example>-<sample>-<n>.png. Each crop that ran carries `box`,
-where it was cut in pixels of its source image as stored. So report.html (`mmsearch.eval.render`),
+the ones tools returned under images/<example>-<sample>-<n>.png. Each crop that ran carries `box`
+(the crop tool's: where it cut, in pixels of its source image as stored). So report.html (`mmsearch.eval.render`),
 or any viewer, renders a run from its dir alone.
 """
 
@@ -58,15 +58,13 @@ def run_eval(cfg: EvalConfig, engine=None, progress: bool = True, loop: AgentLoo
     else:
         loop.on_event = on_event
         loop.timings = Timings()
-    crop = loop.toolbox.tools.get("crop")
-    vision = getattr(crop, "vision", None)  # how the crop tool mapped the policy's boxes to stored pixels
     start = time.perf_counter()
     records = []
     written: set[str] = set()
     for first in range(0, len(examples), cfg.chunk):
         trajectories = loop.run(examples[first:first + cfg.chunk], n_samples=cfg.n_samples)
         compute_rewards_batch(trajectories, by_id, cfg.rewards)
-        records += [_record(t, by_id[t.example_id], Path(cfg.out), vision, written) for t in trajectories]
+        records += [_record(t, by_id[t.example_id], Path(cfg.out), written) for t in trajectories]
     bar.close()
     wall = time.perf_counter() - start
     summary = write_report(cfg.out, records, by_id, wall)
@@ -78,16 +76,12 @@ def run_eval(cfg: EvalConfig, engine=None, progress: bool = True, loop: AgentLoo
     return summary
 
 
-def _record(traj: Trajectory, example: Example, out: Path, vision, written: set[str]) -> dict:
-    """The trajectory's log record, with its example's gold and labels, its saved images and crop boxes."""
-    from mmsearch.eval.render import add_crop_boxes
-
+def _record(traj: Trajectory, example: Example, out: Path, written: set[str]) -> dict:
+    """The trajectory's log record, with its example's gold and labels and its saved images."""
     record = traj.to_record()
     record.update(answers=list(example.answers), kind=example.kind, hops=example.hops,
                   requires_search=example.requires_search)
     record["image_files"] = _save_images(out, traj, len(example.images), written)
-    if vision is not None:
-        add_crop_boxes(record, traj.images, vision)
     return record
 
 
