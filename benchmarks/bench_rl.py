@@ -254,7 +254,7 @@ def check_same_tokens(trainer, ours_processor, system: str, example, tools: list
     exactly what our trajectory builder makes from the policy's own processor (`ours_processor`)."""
     from trl.data_utils import prepare_multimodal_messages
 
-    from mmsearch.protocol import format_tool_call, format_turn
+    from mmsearch.protocols.qwen_tools import format_tool_call, format_turn
     from mmsearch.trajectory import TrajectoryBuilder, assistant_turn_ids
 
     builder = TrajectoryBuilder(ours_processor)
@@ -283,7 +283,7 @@ def check_same_tokens(trainer, ours_processor, system: str, example, tools: list
 def build_tools(cfg: RLConfig, processor):
     """The toolbox our loop builds for `cfg` (same backend, same schemas), and its system prompt."""
     from mmsearch.agent.setup import RolloutConfig, build_backend, vision_from_processor
-    from mmsearch.protocol import system_prompt
+    from mmsearch.protocols.qwen_tools import system_prompt
     from tools.registry import build_toolbox
 
     rollout = RolloutConfig(agent=cfg.rollout.agent, tools=cfg.rollout.tools, index=cfg.index, server=cfg.server)
@@ -370,7 +370,7 @@ def run_trl(cfg: RLConfig, mode: str, order: list[str], driven: Driven, micro_ba
     from trl.chat_template_utils import qwen3_template
 
     from mmsearch.eval.loaders import load_examples
-    from mmsearch.protocol import parse_action
+    from mmsearch.protocols.qwen_tools import parse_action
     from mmsearch.rewards import exact_match
     from mmsearch.training.model import load_policy
     from mmsearch.trajectory import TrajectoryBuilder

@@ -32,7 +32,7 @@ from mmsearch.agent.setup import RolloutConfig, build_loop
 from mmsearch.engines.hf import HFEngine
 from mmsearch.engines.scripted import ScriptedEngine
 from mmsearch.example import Example
-from mmsearch.protocol import format_tool_call, format_turn
+from mmsearch.protocols.qwen_tools import format_tool_call, format_turn
 
 
 def examples(kb: Path, n: int) -> list[Example]:

@@ -52,7 +52,7 @@ from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForCondition
 from mmsearch.engines.base import GenerationRequest, SamplingParams
 from mmsearch.engines.hf import HFEngine
 from mmsearch.logprobs import TokenScorer, collate
-from mmsearch.protocol import system_prompt
+from mmsearch.protocols.qwen_tools import system_prompt
 from mmsearch.rl import algos
 from mmsearch.trajectory import Trajectory, TrajectoryBuilder
 

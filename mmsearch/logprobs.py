@@ -3,6 +3,7 @@
 This is how the trainer sees a trajectory (SFT and RL alike): right-padded ids with the loss mask,
 every image's pixels in order of appearance, and `mm_token_type_ids` so the model computes
 multimodal rotary positions over the whole sequence, tool-returned images included (invariant 3).
+A text-only policy's batch has neither pixels nor modality types, and its positions are 1-D.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from mmsearch.rl.algos import entropy_from_logits
 from mmsearch.trajectory import Trajectory
 
 
-def collate(trajectories: list[Trajectory], pad_id: int, image_token_id: int, video_token_id: int | None = None
+def collate(trajectories: list[Trajectory], pad_id: int, image_token_id: int | None, video_token_id: int | None = None
             ) -> dict[str, torch.Tensor]:
+    """The batch; `image_token_id` None: a text-only policy's (no modality types, no pixels)."""
     if any(not t.token_exact for t in trajectories):
         raise ValueError("trajectories from a text-only engine have no token ids and cannot be scored or trained on")
     longest = max(len(t.token_ids) for t in trajectories)
@@ -30,8 +32,9 @@ def collate(trajectories: list[Trajectory], pad_id: int, image_token_id: int, vi
         mask[row, :n] = 1
         loss_mask[row, :n] = torch.tensor(t.loss_mask)
         rollout_logprobs[row, :n] = torch.tensor(t.logprobs)
-    batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask, "rollout_logprobs": rollout_logprobs,
-             "mm_token_type_ids": mm_token_type_ids(ids, image_token_id, video_token_id)}
+    batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask, "rollout_logprobs": rollout_logprobs}
+    if image_token_id is not None:
+        batch["mm_token_type_ids"] = mm_token_type_ids(ids, image_token_id, video_token_id)
     pixels = [t.pixel_tensor() for t in trajectories if t.pixel_values]
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)
@@ -101,22 +104,27 @@ def shared_prefix_len(batch: dict[str, torch.Tensor], vision_token_ids: tuple[in
 
 
 def forward_after_shared_prefix(inner: nn.Module, batch: dict[str, torch.Tensor], prefix: int) -> torch.Tensor:
-    """Hidden states of positions `prefix:` with the prefix computed once (a Qwen-VL `model.model`)."""
+    """Hidden states of positions `prefix:` with the prefix computed once (a Qwen-VL `model.model`, or a text-only
+    causal LM's, whose batch has no `mm_token_type_ids` and whose positions are 1-D)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     grid = batch.get("image_grid_thw")
+    multimodal = "mm_token_type_ids" in batch
     # Multimodal rotary positions over each whole row, as the unshared forward computes them (invariant 3).
     if grid is not None:
         positions, _ = inner.get_rope_index(ids, image_grid_thw=grid, attention_mask=mask,
                                             mm_token_type_ids=batch["mm_token_type_ids"])
     else:
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
-    head = inner(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], position_ids=positions[:, :1, :prefix],
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = positions[None].expand(3, -1, -1) if multimodal else positions
+    head = inner(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], position_ids=positions[..., :1, :prefix],
                  use_cache=True)
     cache = head.past_key_values
     cache.batch_repeat_interleave(ids.shape[0])
     rest = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
-    out = inner(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions[:, :, prefix:],
-                mm_token_type_ids=batch["mm_token_type_ids"][:, prefix:], past_key_values=cache, use_cache=True, **rest)
+    if multimodal:
+        rest["mm_token_type_ids"] = batch["mm_token_type_ids"][:, prefix:]
+    out = inner(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions[..., prefix:],
+                past_key_values=cache, use_cache=True, **rest)
     return out.last_hidden_state
 
 

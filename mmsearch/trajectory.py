@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mmsearch.protocol import TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN
+from mmsearch.model.policy import as_processor, images_refused, is_text_only
+from mmsearch.protocols import DEFAULT, Protocol, get_protocol
 
 
 class TemplateError(RuntimeError):
@@ -117,13 +118,16 @@ class Trajectory:
         }
 
 
-def template_view(messages: list[dict], images: list[Image.Image] | None = None) -> list[dict]:
-    """The messages as a Qwen-VL chat template renders them.
+def template_view(messages: list[dict], images: list[Image.Image] | None = None,
+                  protocol: Protocol | None = None) -> list[dict]:
+    """The messages as a Qwen chat template renders them, for a chat-turn protocol.
 
     Assistant turns are their raw text (the protocol's tags are in it already), and tool results
-    become user turns wrapped in <tool_response>, with their images inline, as DESIGN.md says.
-    With `images`, each image part carries its PIL image under "image" (for chat-level engines).
+    become user turns wrapped as the protocol says (`qwen_tools`: `<tool_response>`), with their
+    images inline. With `images`, each image part carries its PIL image under "image" (for
+    chat-level engines).
     """
+    protocol = protocol or get_protocol(DEFAULT)
     view = []
     for message in messages:
         role, content = message["role"], message["content"]
@@ -133,9 +137,25 @@ def template_view(messages: list[dict], images: list[Image.Image] | None = None)
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
         if role == "tool":
             role = "user"
-            parts = [{"type": "text", "text": TOOL_RESPONSE_OPEN}, *parts, {"type": "text", "text": TOOL_RESPONSE_CLOSE}]
-        view.append({"role": role, "content": [_template_part(p, images) for p in parts]})
+            before, after = protocol.wrap_result(message.get("name") if "tool_call_id" in message else None, messages)
+            parts = [{"type": "text", "text": before}, *parts, {"type": "text", "text": after}]
+        view.append({"role": role, "content": [_template_part(p, images) for p in parts if p["type"] == "image" or p["text"]]})
     return view
+
+
+def inline_continuation(messages: list[dict], protocol: Protocol) -> str:
+    """What an inline protocol appends after the prompt: the assistant's text with each tool result
+    written into it (text only: no inline protocol returns images)."""
+    out = []
+    for message in messages:
+        if message["role"] == "assistant":
+            out.append(message["content"])
+        elif message["role"] == "tool":
+            before, after = protocol.wrap_result(message.get("name") if "tool_call_id" in message else None, messages)
+            content = message["content"]
+            text = content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
+            out.append(before + text + after)
+    return "".join(out)
 
 
 def _template_part(part: dict, images: list[Image.Image] | None) -> dict:
@@ -144,11 +164,11 @@ def _template_part(part: dict, images: list[Image.Image] | None) -> dict:
     return {"type": "image"} if images is None else {"type": "image", "image": images[part["image"]]}
 
 
-def new_trajectory(example_id: str, sample: int, system: str, question: str, images: list[Image.Image],
+def new_trajectory(example_id: str, sample: int, system: str | None, user: list[dict], images: list[Image.Image],
                    token_exact: bool) -> Trajectory:
-    """The system prompt and the question, its images numbered 0.. (messages only, no tokens yet)."""
-    user = [*({"type": "image", "image": i} for i in range(len(images))), {"type": "text", "text": question}]
-    return Trajectory(example_id, sample, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+    """The system prompt (None: none) and the user turn (parts, images numbered 0..); messages only, no tokens yet."""
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return Trajectory(example_id, sample, messages=[*head, {"role": "user", "content": user}],
                       images=list(images), token_exact=token_exact)
 
 
@@ -160,34 +180,50 @@ def add_tool_message(traj: Trajectory, text: str, images: list[Image.Image], **f
     traj.images += images
 
 
-def assistant_turn_ids(tokenizer, text: str, end_id: int) -> list[int]:
+def assistant_turn_ids(tokenizer, text: str, end_id: int, stop_strings: tuple[str, ...] | list[str] = ()) -> list[int]:
     """The tokens of an assistant turn written as text: its canonical tokenization, then end-of-turn.
 
     Scripted turns (tests, SFT's gold turns) enter trajectories this way, as if a model had
-    generated exactly these tokens.
+    generated exactly these tokens. A turn that ends with one of `stop_strings` (an inline
+    protocol's query) ended there, as generation does: no end-of-turn token follows it.
     """
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [end_id]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids if text.endswith(tuple(stop_strings)) and stop_strings else ids + [end_id]
 
 
 class TrajectoryBuilder:
-    """Grows trajectories with one processor (tokenizer + image processor + chat template)."""
+    """Grows trajectories with one processor (tokenizer + image processor + chat template), or for a text-only
+    policy its tokenizer (an image in its trajectory is a `TextOnlyError`)."""
 
-    def __init__(self, processor, end_of_turn: str = "<|im_end|>"):
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
+    def __init__(self, processor, end_of_turn: str = "<|im_end|>", protocol: Protocol | None = None):
+        self.processor = as_processor(processor)  # a text-only policy's tokenizer gets the processor interface
+        self.protocol = protocol or get_protocol(DEFAULT)
+        self.tokenizer = self.processor.tokenizer
+        self.text_only = is_text_only(self.processor)
         self.end_of_turn = end_of_turn
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self.vision_start_id = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        # A text-only policy has no image tokens (Qwen2.5's tokenizer still lists them: they must not count).
+        vision = lambda token: None if self.text_only else self.tokenizer.convert_tokens_to_ids(token)
+        self.image_token_id = vision("<|image_pad|>")
+        self.vision_start_id = vision("<|vision_start|>")
         self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(end_of_turn)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.processor.apply_chat_template(
-            template_view(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        """The template text of `messages`. An inline protocol renders the prompt with the chat template
+        (up to the assistant's header) and appends the assistant's one growing message after it."""
+        if not self.protocol.inline:
+            return self._apply_template(template_view(messages, protocol=self.protocol), add_generation_prompt)
+        first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+        prompt = self._apply_template(template_view(messages[:first], protocol=self.protocol), True)
+        return prompt + self.protocol.generation_prefix + inline_continuation(messages[first:], self.protocol)
 
-    def start(self, example_id: str, sample: int, system: str, question: str, images: list[Image.Image],
+    def _apply_template(self, view: list[dict], add_generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(view, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def start(self, example_id: str, sample: int, system: str | None, question: str, images: list[Image.Image],
               token_exact: bool = True) -> Trajectory:
-        traj = new_trajectory(example_id, sample, system, question, images, token_exact)
+        """A trajectory with the prompt (`system`, and the question in the protocol's user prompt) tokenized."""
+        traj = new_trajectory(example_id, sample, system, self.protocol.user_content(question, len(images)), images,
+                              token_exact)
         self._append_delta(traj, list(images))
         return traj
 
@@ -212,6 +248,8 @@ class TrajectoryBuilder:
         return self._append_delta(traj, images)
 
     def _append_delta(self, traj: Trajectory, images: list[Image.Image]) -> int:
+        if self.text_only and images:
+            raise images_refused(len(traj.images))
         if not traj.token_exact:
             return 0
         full = self.render(traj.messages, add_generation_prompt=True)

@@ -23,7 +23,7 @@ from mmsearch.agent.setup import RolloutConfig, build_loop, vision_from_processo
 from mmsearch.cli.ask_view import AskPrinter
 from mmsearch.cli.main import main
 from mmsearch.engines.scripted import ScriptedEngine, replay
-from mmsearch.protocol import format_tool_call, format_turn
+from mmsearch.protocols.qwen_tools import format_tool_call, format_turn
 from tools.imaging import seen_size, seen_to_original_box
 
 QUESTION = "Which nation is this?"

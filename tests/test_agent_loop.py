@@ -17,7 +17,7 @@ from mmsearch.agent.config import AgentConfig, SamplingConfig
 from mmsearch.agent.loop import AgentLoop
 from mmsearch.engines.scripted import ScriptedEngine, replay
 from mmsearch.example import Example
-from mmsearch.protocol import format_tool_call, format_turn
+from mmsearch.protocols.qwen_tools import format_tool_call, format_turn
 from mmsearch.trajectory import ToolCallRecord, TrajectoryBuilder, TurnRecord
 
 STOP_REASONS = {"answered", "max_turns", "max_tokens", "invalid_actions"}

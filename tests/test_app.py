@@ -26,7 +26,7 @@ from mmsearch.app import browse
 from mmsearch.app.policies import Policies, UserError, check_policy, pretrained_factory
 from mmsearch.engines.openai_chat import OpenAIChatEngine
 from mmsearch.engines.scripted import ScriptedEngine, replay
-from mmsearch.protocol import format_tool_call, format_turn
+from mmsearch.protocols.qwen_tools import format_tool_call, format_turn
 from tools.config import ToolsConfig
 from tools.registry import build_toolbox
 

@@ -26,7 +26,7 @@ from mmsearch.agent.api import Agent
 from mmsearch.agent.setup import RolloutConfig, build_loop
 from mmsearch.engines.scripted import ScriptedEngine
 from mmsearch.eval.run import EvalConfig, run_eval
-from mmsearch.protocol import format_tool_call, format_turn
+from mmsearch.protocols.qwen_tools import format_tool_call, format_turn
 
 # Gradio's queue builds a pandas frame per event; pandas 3 warns about its options (nothing of ours)
 pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),

@@ -107,7 +107,7 @@ def test_trl_refuses_qwen25vl_tools_as_shipped_and_sees_our_tokens_with_the_benc
     from trl.chat_template_utils import qwen3_template
 
     from mmsearch.example import Example
-    from mmsearch.protocol import system_prompt
+    from mmsearch.protocols.qwen_tools import system_prompt
     from mmsearch.training.model import load_policy
     from mmsearch.trajectory import TrajectoryBuilder
     from tools.config import ToolsConfig

@@ -64,7 +64,7 @@ def test_report_metrics_and_logs(trained):
     out, report = trained
     assert json.loads((out / "report.json").read_text()) == report
     assert report["steps"] == 3 and report["params"] > 0 and report["seconds"] >= 0
-    assert report["num_queries"] > 0 and report["num_gallery"] > 0
+    assert report["num_queries"] > 0 and report["num_gallery"] > 0 and report["eval_queries"] == "scene_crops"
     for key in ("recall@1", "recall@5", "jitter_recall@1", "jitter_recall@5"):
         assert 0.0 <= report[key] <= 1.0
     assert report["recall@1"] <= report["recall@5"]
@@ -144,3 +144,61 @@ def test_default_training_finds_scene_crops(tmp_path):
     assert report["recall@1"] >= 0.95
     assert report["jitter_recall@1"] >= 0.88
     assert report["jitter_recall@5"] >= 0.97
+
+
+# --- a KB without scenes: evaluated on crops of its own images -----------------------------------------
+
+@pytest.fixture(scope="module")
+def sceneless_kb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twelve generated images (a coloured shape on a coloured ground) with titles, and no scenes.jsonl."""
+    from PIL import ImageDraw
+
+    root = tmp_path_factory.mktemp("sceneless_kb")
+    (root / "images").mkdir()
+    rows = []
+    for i in range(12):
+        image = Image.new("RGB", (48 + 4 * i, 40), ((37 * i) % 256, (91 * i) % 256, (53 * i + 80) % 256))
+        draw = ImageDraw.Draw(image)
+        box = (4 + i, 6, 30 + 2 * i, 34)
+        (draw.ellipse if i % 2 else draw.rectangle)(box, fill=((200 - 17 * i) % 256, (29 * i) % 256, 255 - 9 * i))
+        image.save(root / "images" / f"{i}.png")
+        rows.append({"id": f"img{i}", "path": f"images/{i}.png", "title": f"thing number {i}"})
+    (root / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_sceneless_kb_is_evaluated_on_crops_of_its_images(sceneless_kb, tmp_path):
+    from tools.encoders.clip_train import image_crop_queries
+
+    assert not (sceneless_kb / "scenes.jsonl").exists()
+    out = tmp_path / "clip"
+    report = train_clip(tiny_config(sceneless_kb, out, batch_size=8, eval_max_queries=5), progress=False)
+    assert report["eval_queries"] == "kb_image_crops"
+    assert report["num_queries"] == 5 and report["num_gallery"] == 12
+    for key in ("recall@1", "recall@5", "jitter_recall@1", "jitter_recall@5"):
+        assert 0.0 <= report[key] <= 1.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "recall@1" in r] == [2, 3]
+
+    # The same seeded subset and boxes every time; jitter moves the boxes, not the choice of images.
+    records = list(KB(sceneless_kb).images())
+    plain, again = image_crop_queries(KB(sceneless_kb), records, 5), image_crop_queries(KB(sceneless_kb), records, 5)
+    jittered = image_crop_queries(KB(sceneless_kb), records, 5, jitter=0.2)
+    assert [q.image_id for q in plain] == [q.image_id for q in again] == [q.image_id for q in jittered]
+    assert [q.image.tobytes() for q in plain] == [q.image.tobytes() for q in again]
+    assert [q.image.size for q in plain] != [q.image.size for q in jittered]
+    for q in plain:  # a crop strictly inside its image: a quarter to 60% of its area, give or take rounding
+        full = Image.open(sceneless_kb / "images" / f"{q.image_id.removeprefix('img')}.png")
+        assert 0.2 * full.width * full.height <= q.image.width * q.image.height <= 0.7 * full.width * full.height
+
+
+def test_no_queries_records_null_recall_not_zero(sceneless_kb, tmp_path, caplog):
+    out = tmp_path / "clip"
+    with caplog.at_level("WARNING", logger="tools.encoders.clip_train"):
+        report = train_clip(tiny_config(sceneless_kb, out, batch_size=8, eval_max_queries=0), progress=False)
+    assert "no evaluation queries" in caplog.text
+    assert report["eval_queries"] == "none" and report["num_queries"] == 0
+    assert all(report[k] is None for k in ("recall@1", "recall@5", "jitter_recall@1", "jitter_recall@5"))
+    assert json.loads((out / "report.json").read_text())["recall@1"] is None
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and not any("recall@1" in r for r in rows)  # training rows only: no recall over zero queries

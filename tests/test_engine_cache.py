@@ -21,7 +21,7 @@ from mmsearch.agent.loop import AgentLoop
 from mmsearch.engines.base import GenerationOutput, GenerationRequest, SamplingParams
 from mmsearch.engines.hf import HFEngine
 from mmsearch.example import Example
-from mmsearch.protocol import format_tool_call, format_turn
+from mmsearch.protocols.qwen_tools import format_tool_call, format_turn
 from mmsearch.trajectory import TrajectoryBuilder, assistant_turn_ids
 
 SAMPLING = {"greedy": SamplingConfig(temperature=0.0, seed=0),

@@ -23,7 +23,7 @@ from PIL import Image
 
 from mmsearch.engines.base import EngineRefused, GenerationRequest, SamplingParams
 from mmsearch.engines.openai_chat import RL_REFUSAL, OpenAIChatEngine, OpenAIEngineError, check_trainable
-from mmsearch.protocol import format_turn
+from mmsearch.protocols.qwen_tools import format_turn
 from mmsearch.trajectory import template_view
 from tools.server.app import BackgroundServer
 

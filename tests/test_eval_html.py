@@ -22,7 +22,7 @@ from PIL import Image
 from mmsearch.engines.scripted import ScriptedEngine
 from mmsearch.eval.render import BOX_COLOR, render_trajectory
 from mmsearch.eval.run import EvalConfig, run_eval
-from mmsearch.protocol import format_tool_call, format_turn
+from mmsearch.protocols.qwen_tools import format_tool_call, format_turn
 
 GOLD = "Ibrovova"
 BBOX = [10, 10, 120, 100]  # in the tiny policy's view of the scene

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mmsearch.protocol import format_tool_call, format_turn, parse_action, system_prompt
+from mmsearch.protocols.qwen_tools import format_tool_call, format_turn, parse_action, system_prompt
 
 THINK = "<think>The flag is red.</think>\n"
 CALL = '<tool_call>{"name": "text_search", "arguments": {"query": "red flag", "k": 3}}</tool_call>'

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from mmsearch.config import load_config
 from mmsearch.example import Example
-from mmsearch.protocol import parse_action
+from mmsearch.protocols.qwen_tools import parse_action
 from mmsearch.rewards import (
     REWARDS,
     JudgeConfig,

@@ -24,7 +24,7 @@ from data_pipeline.synth.graph import EntityGraph
 from data_pipeline.synth.planner import check_evidence, find_evidence, result_blocks
 from data_pipeline.synth.questions import Candidate, Category, Step
 from data_pipeline.synth.run import category_targets, run_synth
-from mmsearch.protocol import parse_action
+from mmsearch.protocols.qwen_tools import parse_action
 from mmsearch.trajectory import ToolCallRecord, Trajectory
 
 

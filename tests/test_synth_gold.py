@@ -21,7 +21,7 @@ from data_pipeline.synth.config import GoldConfig, SynthConfig
 from data_pipeline.synth.graph import EntityGraph
 from data_pipeline.synth.run import run_synth
 from data_pipeline.synth.splits import partition_entities
-from mmsearch.protocol import parse_action
+from mmsearch.protocols.qwen_tools import parse_action
 
 
 def _rows(out: Path) -> list[dict]:
@@ -121,7 +121,7 @@ def test_tokenizer_sees_only_kb_protocol_and_entity_free_question_text(world_dir
     question in the pipeline's wording that names no entity."""
     from data_pipeline.synth.templates import sample_questions
     from mmsearch.model.tiny import TinyPolicyConfig, _kb_texts
-    from mmsearch.protocol import tool_prompt_examples
+    from mmsearch.protocols.qwen_tools import tool_prompt_examples
 
     protocol = set(tool_prompt_examples())
     n_questions = TinyPolicyConfig().wording_questions

@@ -24,7 +24,7 @@ from data_pipeline.synth.teacher import teacher_trajectories
 from mmsearch.agent.config import AgentConfig
 from mmsearch.engines.openai_chat import OpenAIChatEngine, OpenAIEngineError
 from mmsearch.example import Example
-from mmsearch.protocol import format_tool_call, format_turn
+from mmsearch.protocols.qwen_tools import format_tool_call, format_turn
 from tools.config import ToolsConfig
 from tools.registry import build_toolbox
 

@@ -14,7 +14,7 @@ from mmsearch.engines.base import GenerationRequest, SamplingParams
 from mmsearch.engines.scripted import ScriptedEngine, replay
 from mmsearch.example import Example
 from mmsearch.logprobs import collate, token_logprobs
-from mmsearch.protocol import format_tool_call, format_turn
+from mmsearch.protocols.qwen_tools import format_tool_call, format_turn
 from mmsearch.trajectory import TrajectoryBuilder
 
 

@@ -66,6 +66,9 @@ class ToolsConfig:
     max_k: int = 10
     max_query_chars: int = 512
     snippet_chars: int = 300
+    # text_search's layout of one passage ({rank}, {title}, {text}) with what follows it, e.g. "[{rank}] {title}\n{text}\n\n";
+    # empty: the protocol's (mmsearch/protocols)
+    passage_format: str = ""
     image_thumbnails: bool = False
     timeout_s: float = 30.0
     cache_dir: str = ""  # empty: no cache

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,16 +47,27 @@ class ImageRecord:
 
 @dataclass
 class SkipReport:
-    """What a pass over a KB file skipped and why (first few reasons kept for the message)."""
+    """What a pass over a KB file skipped and why: a count per reason, the first few lines of each
+    (`mmsearch kb check` prints them), and the first few overall for the log message."""
 
     file: str
     skipped: int = 0
     reasons: list[str] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
 
-    def add(self, line_no: int, reason: str) -> None:
+    def add(self, line_no: int, reason: str, detail: str = "") -> None:
+        """`reason` is the category counted; `detail` (a path, a parser message) only goes into the examples."""
         self.skipped += 1
+        self.counts[reason] += 1
+        where = f"line {line_no}: {reason}{detail}"
         if len(self.reasons) < 5:
-            self.reasons.append(f"line {line_no}: {reason}")
+            self.reasons.append(where)
+        if len(self.examples.setdefault(reason, [])) < 3:
+            self.examples[reason].append(where)
+
+    def as_dict(self) -> dict:
+        return {reason: {"count": n, "examples": self.examples[reason]} for reason, n in sorted(self.counts.items())}
 
     def log(self) -> None:
         if self.skipped:
@@ -88,7 +100,7 @@ class KB:
                 report.add(line_no, "needs a string 'id' and a string 'path'")
                 continue
             if check_files and not (self.root / rec["path"]).is_file():
-                report.add(line_no, f"image file not found: {rec['path']}")
+                report.add(line_no, "image file not found", f": {rec['path']}")
                 continue
             yield ImageRecord(
                 rec["id"], rec["path"], str(rec.get("title", "")), str(rec.get("text", "")),
@@ -123,7 +135,7 @@ class KB:
         if not path.is_file():
             return
         report = self.skips.setdefault(name, SkipReport(name))
-        report.skipped, report.reasons = 0, []
+        report.skipped, report.reasons, report.counts, report.examples = 0, [], Counter(), {}
         with path.open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
@@ -131,7 +143,7 @@ class KB:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    report.add(line_no, f"not JSON ({exc.msg})")
+                    report.add(line_no, "not JSON", f" ({exc.msg})")
                     continue
                 if not isinstance(rec, dict):
                     report.add(line_no, "not a JSON object")

@@ -31,6 +31,11 @@ def build_toolbox(cfg: ToolsConfig, backend: SearchBackend | None) -> Toolbox:
     return Toolbox(tools, timeout_s=cfg.timeout_s)
 
 
+def tool_schemas(cfg: ToolsConfig) -> list[dict]:
+    """The enabled tools' JSON schemas (what a system prompt lists), without a backend to search."""
+    return [TOOL_BUILDERS[name](None, cfg).schema() for name in cfg.enabled]
+
+
 def open_backend(index: str, servers: list[str], cfg: ToolsConfig, device: str = "auto") -> SearchBackend:
     """Search through the tool-server replicas in `servers`, or in-process over the `index` dir."""
     if servers:

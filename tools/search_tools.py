@@ -7,6 +7,10 @@ from tools.config import ToolsConfig
 from tools.search.types import Hit, SearchBackend
 
 
+# One passage and what separates it from the next; the result's trailing whitespace is stripped.
+PASSAGE_FORMAT = "[{rank}] {title}\n{text}\n\n"
+
+
 def _snippet(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1].rsplit(" ", 1)[0] + "…"
@@ -56,8 +60,9 @@ class TextSearchTool(Tool):
     def _format(self, query: str, hits: list[Hit]) -> str:
         if not hits:
             return f"No passages found for {query!r}."
-        lines = [f"[{rank}] {hit.title}\n{_snippet(hit.text, self.cfg.snippet_chars)}" for rank, hit in enumerate(hits, 1)]
-        return "\n\n".join(lines)
+        layout = self.cfg.passage_format or PASSAGE_FORMAT
+        return "".join(layout.format(rank=rank, title=hit.title, text=_snippet(hit.text, self.cfg.snippet_chars))
+                       for rank, hit in enumerate(hits, 1)).rstrip()
 
 
 class ImageSearchTool(Tool):

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from data_pipeline.synth import templates as T
 from data_pipeline.synth.config import GoldConfig
 from data_pipeline.synth.questions import Candidate, Step
-from mmsearch.protocol import format_tool_call, format_turn
+from mmsearch.protocols.qwen_tools import format_tool_call, format_turn
 from mmsearch.trajectory import Trajectory
 
 _BLOCK = re.compile(r"^\[(\d+)\] ", re.MULTILINE)

@@ -30,7 +30,7 @@ from mmsearch.agent.config import AgentConfig, SamplingConfig
 from mmsearch.agent.loop import AgentLoop, EventHook
 from mmsearch.agent.setup import RolloutConfig, build_loop, is_url
 from mmsearch.example import Example
-from mmsearch.protocol import parse_action
+from mmsearch.protocols.qwen_tools import parse_action
 from mmsearch.trajectory import ToolCallRecord, Trajectory, TurnRecord
 
 ImageInput = str | Path | bytes | bytearray | Image.Image
@@ -58,6 +58,10 @@ def load_image(image: ImageInput, what: str = "image") -> Image.Image:
         # OSError covers a missing file, an unknown format and truncated data; PIL raises SyntaxError
         # for some malformed headers.
         raise ValueError(f"cannot read {name}: {exc}") from exc
+
+
+def _question_images(image: ImageInput | None, what: str = "image") -> list[Image.Image]:
+    return [] if image is None else [load_image(image, what)]
 
 
 @dataclass
@@ -230,28 +234,29 @@ class Agent:
 
     # -- asking ----------------------------------------------------------------------------------
 
-    def ask(self, image: ImageInput, question: str) -> AgentResult:
-        """Answer one question about `image` (a path, encoded bytes or a PIL image)."""
-        [result] = self._run([Example("ask", question, [load_image(image)], answers=[])])
+    def ask(self, image: ImageInput | None, question: str) -> AgentResult:
+        """Answer one question about `image` (a path, encoded bytes or a PIL image; None: a text-only question,
+        what a text-only policy takes)."""
+        [result] = self._run([Example("ask", question, _question_images(image), answers=[])])
         return result
 
-    def ask_batch(self, items: Iterable[tuple[ImageInput, str]]) -> list[AgentResult]:
+    def ask_batch(self, items: Iterable[tuple[ImageInput | None, str]]) -> list[AgentResult]:
         """Answer several (image, question) pairs together, one batched engine call per turn; results in order."""
-        examples = [Example(f"ask{i}", question, [load_image(image, f"image of item {i}")], answers=[])
+        examples = [Example(f"ask{i}", question, _question_images(image, f"image of item {i}"), answers=[])
                     for i, (image, question) in enumerate(items)]
         return self._run(examples) if examples else []
 
-    def stream(self, image: ImageInput, question: str) -> Iterator[AgentEvent]:
+    def stream(self, image: ImageInput | None, question: str) -> Iterator[AgentEvent]:
         """Ask, yielding `AgentEvent`s (start, then turn/tool per turn, then done) as they happen.
 
         The loop runs in a worker thread; its errors are raised here. Stopping early (`break`,
         `close()`) stops the run at its next event and waits for the worker to end (a Ctrl-C does
         not wait; the next call does, as calls are serialized).
         """
-        return self._stream(load_image(image), question)
+        return self._stream(_question_images(image), question)
 
-    def _stream(self, image: Image.Image, question: str) -> Iterator[AgentEvent]:
-        yield AgentEvent("start", text=question, images=[image], image_numbers=[0])
+    def _stream(self, images: list[Image.Image], question: str) -> Iterator[AgentEvent]:
+        yield AgentEvent("start", text=question, images=images, image_numbers=list(range(len(images))))
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
 
@@ -262,7 +267,7 @@ class Agent:
 
         def work() -> None:
             try:
-                self._run([Example("ask", question, [image], answers=[])], hook)
+                self._run([Example("ask", question, images, answers=[])], hook)
             except _Cancelled:
                 pass
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who raises it

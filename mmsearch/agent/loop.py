@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from mmsearch.agent.config import AgentConfig
 from mmsearch.engines.base import GenerationRequest, SamplingParams
 from mmsearch.example import Example
-from mmsearch.protocol import Action, parse_action, system_prompt
+from mmsearch.protocols import Action, ProtocolError, get_protocol
 from mmsearch.trajectory import (
     ToolCallRecord,
     Trajectory,
@@ -53,7 +53,14 @@ class AgentLoop:
             raise ValueError("a token-level engine needs a TrajectoryBuilder (the policy's processor)")
         self.engine, self.toolbox, self.builder, self.cfg = engine, toolbox, builder, cfg
         self.on_event = on_event or (lambda traj, kind, payload: None)
-        self.system = system_prompt(toolbox.schemas())
+        self.protocol = get_protocol(cfg.protocol)
+        self.protocol.check_tools(list(toolbox.tools))
+        if builder is not None and builder.protocol.name != self.protocol.name:
+            raise ProtocolError(f"the trajectory builder renders {builder.protocol.name!r} but the loop speaks {self.protocol.name!r}")
+        if self.protocol.inline and not engine.token_level:
+            raise ProtocolError(f"protocol {self.protocol.name!r} continues the assistant's own message after each "
+                                "result, which a chat-level engine cannot do; use engine.kind=hf or vllm")
+        self.system = self.protocol.system_prompt(toolbox.schemas())
         self.timings = Timings()
         self.stop_token_ids: list[int] = []
         self.suppress_token_ids: list[int] = []
@@ -109,7 +116,8 @@ class AgentLoop:
         if self.builder is not None:
             traj = self.builder.start(example.id, sample, self.system, example.question, example.images, token_exact)
         else:
-            traj = new_trajectory(example.id, sample, self.system, example.question, example.images, token_exact)
+            traj = new_trajectory(example.id, sample, self.system,
+                                  self.protocol.user_content(example.question, len(example.images)), example.images, token_exact)
         if token_exact and len(traj.token_ids) >= self.cfg.max_total_tokens:
             traj.truncate(self.cfg.max_total_tokens, self.builder.vision_start_id)
         return traj
@@ -126,7 +134,7 @@ class AgentLoop:
         s = self.cfg.sampling
         params = SamplingParams(s.temperature, s.top_p, s.top_k, self.cfg.max_new_tokens_per_turn,
                                 seed=None if s.seed is None else s.seed + turn,
-                                suppress_token_ids=self.suppress_token_ids)
+                                suppress_token_ids=self.suppress_token_ids, stop_strings=list(self.protocol.stop_strings))
         t0 = time.perf_counter()
         if self.engine.token_level:
             requests = [GenerationRequest(t.token_ids, t.images, t.pixel_tensor(), t.grid_tensor(), self._budget(t), t)
@@ -139,7 +147,8 @@ class AgentLoop:
         else:
             budgets = [self._budget(t) for t in active]
             params.max_new_tokens = max(budgets)
-            replies = self.engine.chat([template_view(t.messages, t.images) for t in active], params, trajectories=active)
+            replies = self.engine.chat([template_view(t.messages, t.images, self.protocol) for t in active], params,
+                                       trajectories=active)
             texts = []
             for traj, reply in zip(active, replies):
                 traj.messages.append({"role": "assistant", "content": reply})
@@ -151,7 +160,7 @@ class AgentLoop:
     def _take_turn(self, traj: Trajectory, text: str, finish: str, n_tokens: int
                    ) -> tuple[Trajectory, ToolCall, ToolCallRecord] | None:
         """Record the turn; return the tool call to run, or None when the turn needs no tool."""
-        action = parse_action(text)
+        action = self.protocol.parse(text)
         if finish == "length" and not action.is_valid:
             action = Action("invalid", thinking=action.thinking, has_think=action.has_think,
                             error=f"the turn hit the token limit before its action was complete ({action.error})")
@@ -177,7 +186,8 @@ class AgentLoop:
             if traj.invalid_streak >= self.cfg.max_invalid_streak:
                 traj.stop_reason = "invalid_actions"
                 return None
-            self._respond(traj, ToolCallRecord(len(traj.turns) - 1, "", None, f"Error: {action.error}", True), [])
+            feedback = self.protocol.invalid_feedback(action.error)
+            self._respond(traj, ToolCallRecord(len(traj.turns) - 1, "", None, feedback, True), [])
             return None
         traj.invalid_streak = 0
         record_call = ToolCallRecord(len(traj.turns) - 1, action.name, action.arguments, "", False)

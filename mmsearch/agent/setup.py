@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from mmsearch.agent.config import AgentConfig, EngineConfig
 from mmsearch.agent.loop import AgentLoop, EventHook
+from mmsearch.model.policy import IMAGE_TOOLS, is_text_only, reads_images
+from mmsearch.protocols import Protocol, get_protocol
 from mmsearch.trajectory import TrajectoryBuilder
 from tools.config import ToolsConfig, VisionResizeConfig
 
@@ -44,16 +46,37 @@ def build_engine(cfg: EngineConfig, max_images: int = 8):
 
 
 def load_processor(cfg: EngineConfig):
-    """The policy's processor: the model dir's own, or for openai an optional local one."""
-    from transformers import AutoProcessor
+    """The policy's processor: the model dir's own (a text-only policy's tokenizer, as a `TextProcessor`), or for
+    openai an optional local one."""
+    from mmsearch.model.policy import load_processor as load
 
     path = cfg.processor or (cfg.model if cfg.kind != "openai" else "")
-    return AutoProcessor.from_pretrained(path) if path else None
+    return load(path) if path else None
+
+
+def policy_is_text_only(cfg: EngineConfig, engine=None) -> bool:
+    """Whether the policy reads text only (a causal LM with a tokenizer): from the engine's processor, else
+    from the checkpoint's config alone, before any weights load. An endpoint with no local processor counts
+    as reading images (its server decides what it accepts)."""
+    processor = getattr(engine, "processor", None)
+    if processor is not None:
+        return is_text_only(processor)
+    path = cfg.processor or (cfg.model if cfg.kind != "openai" else "")
+    return bool(path) and not reads_images(path)
+
+
+def check_image_tools(enabled: list[str], text_only: bool, key: str = "tools.enabled") -> None:
+    """A text-only policy cannot use the tools that take or return images: refused at start-up, saying what
+    to enable instead (`key`: the config key that lists the tools)."""
+    refused = [name for name in enabled if name in IMAGE_TOOLS]
+    if text_only and refused:
+        raise ValueError(f"this policy is text-only (a causal LM with a tokenizer, no image processor), so it cannot "
+                         f"use {', '.join(refused)}: they need images. Enable only text_search: {key}=[text_search]")
 
 
 def vision_from_processor(processor, default: VisionResizeConfig) -> VisionResizeConfig:
-    """The crop tool must map boxes from the size this processor resizes images to."""
-    if processor is None:
+    """The crop tool must map boxes from the size this processor resizes images to (a text-only policy: no crops)."""
+    if processor is None or is_text_only(processor):
         return default
     ip = processor.image_processor
     size = getattr(ip, "size", None) or {}
@@ -74,12 +97,23 @@ def build_backend(cfg: RolloutConfig):
     return open_backend(cfg.index, cfg.server, cfg.tools, device=device)
 
 
+def protocol_for(agent: AgentConfig, tools: ToolsConfig) -> Protocol:
+    """The loop's protocol, checked against the enabled tools; text_search writes passages its way
+    unless `tools.passage_format` says otherwise."""
+    protocol = get_protocol(agent.protocol)
+    protocol.check_tools(tools.enabled)
+    tools.passage_format = tools.passage_format or protocol.passage_format
+    return protocol
+
+
 def build_loop(cfg: RolloutConfig, engine=None, on_event: EventHook | None = None) -> AgentLoop:
     from tools.registry import build_toolbox
 
+    protocol = protocol_for(cfg.agent, cfg.tools)  # before anything heavy loads
+    check_image_tools(cfg.tools.enabled, policy_is_text_only(cfg.engine, engine))
     engine = engine or build_engine(cfg.engine, max_images=cfg.agent.max_images)
     processor = getattr(engine, "processor", None) or load_processor(cfg.engine)
     cfg.tools.vision = vision_from_processor(processor, cfg.tools.vision)
     toolbox = build_toolbox(cfg.tools, build_backend(cfg))
-    builder = TrajectoryBuilder(processor) if processor is not None else None
+    builder = TrajectoryBuilder(processor, protocol=protocol) if processor is not None else None
     return AgentLoop(engine, toolbox, builder, cfg.agent, on_event=on_event)

@@ -12,14 +12,15 @@ from mmsearch.config import to_yaml
 def model_init_tiny(args) -> int:
     from mmsearch.model.tiny import TinyPolicyConfig, init_tiny
 
-    cfg = _load(TinyPolicyConfig, args, kb=args.kb, out=args.out)
+    cfg = _load(TinyPolicyConfig, args, kb=args.kb, out=args.out, text_only=args.text_only or None)
     out = init_tiny(cfg)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(out)
-    print(f"wrote {out}: {config.model_type}, vocab {config.text_config.vocab_size}, "
-          f"{config.text_config.num_hidden_layers} layers x {config.text_config.hidden_size}, "
-          f"vision depth {config.vision_config.depth}")
+    text = config.get_text_config()
+    vision = "text-only" if cfg.text_only else f"vision depth {config.vision_config.depth}"
+    print(f"wrote {out}: {config.model_type}, vocab {text.vocab_size}, {text.num_hidden_layers} layers x "
+          f"{text.hidden_size}, {vision}")
     return 0
 
 
@@ -69,7 +70,8 @@ def ask(args) -> int:
     from mmsearch.eval.run import EvalConfig
 
     cfg = _load(EvalConfig, args, **_engine_flags(args))  # eval configs work for ask too (data keys unused)
-    image = load_image(args.image)  # before loading the policy: a bad image fails fast (ValueError: exit 2)
+    # before loading the policy: a bad image fails fast (ValueError: exit 2); a text-only policy takes none
+    image = load_image(args.image) if args.image else None
     agent = Agent.from_pretrained(config=cfg)
     printer = AskPrinter(Path(args.out), as_json=args.json)
     printer.start(args.question, args.image)

@@ -20,8 +20,8 @@ class AskPrinter:
         if not self.as_json:  # --json keeps stdout for the one JSON document
             print(text, flush=True)
 
-    def start(self, question: str, image_path: str) -> None:
-        self._print(f"{RULE}\nquestion: {question}\n[image 0] {image_path}")
+    def start(self, question: str, image_path: str | None) -> None:
+        self._print(f"{RULE}\nquestion: {question}" + (f"\n[image 0] {image_path}" if image_path else ""))
 
     def show(self, event: AgentEvent) -> None:
         """Print one event of `Agent.stream` (the start event is `start`'s, which knows the image's file)."""

@@ -16,6 +16,8 @@ import sys
 HANDLERS = {
     ("world", "build"): "mmsearch.cli.commands:world_build",
     ("clip", "train"): "mmsearch.cli.commands:clip_train",
+    ("kb", "import"): "mmsearch.cli.kb_commands:kb_import",
+    ("kb", "check"): "mmsearch.cli.kb_commands:kb_check",
     ("index", "build"): "mmsearch.cli.commands:index_build",
     ("search", "text"): "mmsearch.cli.commands:search_text",
     ("search", "image"): "mmsearch.cli.commands:search_image",
@@ -57,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="model dir to write")
     _job_args(p)
 
+    kb = sub.add_parser("kb", help="bring your own knowledge base").add_subparsers(dest="action", required=True)
+    p = kb.add_parser("import", help="import a FlashRAG/Search-R1 corpus (wiki-18) or a folder of captioned images "
+                                     "into a KB dir, streaming")
+    p.add_argument("--format", required=True, choices=["flashrag", "images"])
+    p.add_argument("--corpus", help="flashrag: the corpus JSONL ({\"id\", \"contents\": \"Title\\nText\"} per line)")
+    p.add_argument("--images", help="images: the folder of image files")
+    p.add_argument("--captions", help="images: JSONL (file, caption, optional title, id) or CSV with those columns")
+    p.add_argument("--out", required=True, help="KB dir to write (passages.jsonl or images.jsonl + images/)")
+    p = kb.add_parser("check", help="what index build and synth would skip in a KB dir, and the multi-hop paths "
+                                    "its entity graph offers")
+    p.add_argument("kb", help="KB dir")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     index = sub.add_parser("index", help="search indexes").add_subparsers(dest="action", required=True)
     p = index.add_parser("build", help="build BM25, dense text and CLIP image indexes for a KB")
     p.add_argument("--kb", help="KB dir")
@@ -92,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("init-tiny", help="build the tiny Qwen2.5-VL policy (tokenizer trained on a KB)")
     p.add_argument("--kb", help="KB dir whose text trains the tokenizer")
     p.add_argument("--out", help="model + processor dir to write")
+    p.add_argument("--text-only", action="store_true",
+                   help="a text-only Qwen2 causal LM (tokenizer + model) instead, for text_search alone")
     _job_args(p)
 
     p = sub.add_parser("eval", help="run the agent over a split and report EM/F1, tool use and cost")
@@ -107,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="ask the agent one question about an image and watch it work")
     p.add_argument("question")
-    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--image", help="image file (a text-only policy takes none)")
     p.add_argument("--out", default="runs/ask", help="dir for the images tools return (crops)")
     p.add_argument("--json", action="store_true", help="print the trajectory as JSON")
     _policy_args(p)

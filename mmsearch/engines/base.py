@@ -24,6 +24,9 @@ class SamplingParams:
     # Never sampled: the vision placeholders (<|image_pad|>, <|vision_start|>, ...). A generated one
     # would claim an image that does not exist and break the next forward pass.
     suppress_token_ids: list[int] = field(default_factory=list)
+    # Strings that end a turn besides the stop tokens (an inline protocol's query closer, `</search>`).
+    # The turn keeps every token generated up to the one that completes the string.
+    stop_strings: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`hf` engine: batched `transformers` generation for any Qwen2-VL / Qwen2.5-VL / Qwen3-VL dir.
+"""`hf` engine: batched `transformers` generation for any Qwen2-VL / Qwen2.5-VL / Qwen3-VL dir, or a
+text-only causal LM (no images, 1-D positions).
 
 Requests are left-padded into one batch. Multimodal rotary positions are computed over each whole
 sequence (every image included) from `mm_token_type_ids`; without them transformers silently
@@ -30,6 +31,7 @@ from transformers import (
 )
 
 from mmsearch.engines.base import GenerationOutput, GenerationRequest, SamplingParams
+from mmsearch.model.policy import as_processor, is_vision_language
 from mmsearch.engines.turn_cache import CachedBatch, CachedRow, KVBuffer, TurnCache, gather_rows, own_column_masks
 
 
@@ -124,6 +126,40 @@ class _Prefilled:
         self.logits = None if self.logits is None else self.logits[index]
 
 
+class StopStrings:
+    """Where a row's generated text first completes a stop string (an inline protocol's `</search>`).
+
+    Checked on the decoded tail of the newest tokens: every token decodes to at least one character,
+    so a string of n characters lies within the last n + 1 tokens of the step that completed it. A
+    row stops at the first such step, so any match in its tail was completed by its newest token.
+    """
+
+    def __init__(self, tokenizer, strings: list[str]):
+        self.tokenizer, self.strings = tokenizer, list(strings)
+        self.window = max(len(s) for s in self.strings) + 1
+
+    @classmethod
+    def of(cls, tokenizer, params: SamplingParams) -> StopStrings | None:
+        return cls(tokenizer, params.stop_strings) if params.stop_strings else None
+
+    def completes(self, ids: list[int]) -> bool:
+        tail = self.tokenizer.decode(ids[-self.window:], skip_special_tokens=False)
+        return any(s in tail for s in self.strings)
+
+    def first_end(self, ids: list[int]) -> int | None:
+        """The length of the shortest prefix of `ids` whose text completes a stop string."""
+        return next((i for i in range(1, len(ids) + 1) if self.completes(ids[:i])), None)
+
+    def step(self, texts: list[list[int]], tokens: list[int], done: torch.Tensor) -> torch.Tensor:
+        """Append each still-running row's new token to its text; the rows a stop string just ended."""
+        hit = torch.zeros_like(done)
+        for row, (token, finished) in enumerate(zip(tokens, done.tolist())):
+            if not finished:
+                texts[row].append(token)
+                hit[row] = self.completes(texts[row])
+        return hit
+
+
 class HFEngine:
     """Generation with a transformers model; with `cache_turns`, KV caches kept across turns.
 
@@ -135,8 +171,8 @@ class HFEngine:
 
     def __init__(self, model, processor, max_batch: int = 64, cache_turns: bool = True):
         self.model = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.processor = as_processor(processor)  # a text-only policy's tokenizer gets the processor interface
+        self.tokenizer = self.processor.tokenizer
         self.max_batch = max_batch
         self.cache_turns = cache_turns
         self.turns = TurnCache()
@@ -144,7 +180,9 @@ class HFEngine:
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         config = model.config
-        self.image_token_id = config.image_token_id
+        # A text-only causal LM: no modality types, no pixels, 1-D rotary positions.
+        self.multimodal = is_vision_language(config)
+        self.image_token_id = getattr(config, "image_token_id", None)
         self.video_token_id = getattr(config, "video_token_id", None)
         self.vision_start_id = getattr(config, "vision_start_token_id", None)
         # Layers with a sliding window need masks counted in a row's own tokens (its columns have gaps).
@@ -157,15 +195,14 @@ class HFEngine:
     @classmethod
     def from_pretrained(cls, path: str, device: str = "auto", dtype: str = "auto", max_batch: int = 64,
                         cache_turns: bool = True) -> HFEngine:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
+        from mmsearch.model.policy import load_model, load_processor
         from tools.device import resolve_device
 
         device = resolve_device(device)
         torch_dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
                        "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype).to(device)
-        return cls(model, AutoProcessor.from_pretrained(path), max_batch=max_batch, cache_turns=cache_turns)
+        model = load_model(path, torch_dtype).to(device)
+        return cls(model, load_processor(path), max_batch=max_batch, cache_turns=cache_turns)
 
     @property
     def device(self) -> torch.device:
@@ -216,7 +253,8 @@ class HFEngine:
         out = self.model.generate(**inputs, **extra, generation_config=config,
                                   logits_processor=LogitsProcessorList([recorder]))
         generated = out.sequences[:, inputs["input_ids"].shape[1]:]
-        return self._cut(generated, recorder.finish(generated[:, -1]), limits, stop_token_ids)
+        return self._cut(generated, recorder.finish(generated[:, -1]), limits, stop_token_ids,
+                         StopStrings.of(self.tokenizer, params))
 
     @staticmethod
     def _limits(requests: list[GenerationRequest], params: SamplingParams) -> list[int]:
@@ -224,13 +262,16 @@ class HFEngine:
 
     @staticmethod
     def _cut(generated: torch.Tensor, logprobs: torch.Tensor, limits: list[int],
-             stop_token_ids: list[int]) -> list[GenerationOutput]:
-        """Each row up to its first stop token, or to its own token limit."""
+             stop_token_ids: list[int], stop_strings: StopStrings | None = None) -> list[GenerationOutput]:
+        """Each row up to its first stop token or stop string, or to its own token limit."""
         stops = set(stop_token_ids)
         results = []
         for row, limit in enumerate(limits):
             ids = generated[row].tolist()
             end = next((i + 1 for i, t in enumerate(ids) if t in stops), None)
+            if stop_strings is not None:
+                at = stop_strings.first_end(ids[:end])
+                end = at if at is not None else end
             if end is not None and end <= limit:
                 results.append(GenerationOutput(ids[:end], logprobs[row, :end].tolist(), "stop"))
             else:
@@ -278,8 +319,9 @@ class HFEngine:
             ids[row, longest - rest:] = torch.tensor(r.token_ids[prefix:], dtype=torch.long)
             mask[row, :prefix] = 1
             mask[row, longest - rest:] = 1
-        inputs = {"input_ids": ids, "attention_mask": mask,
-                  "mm_token_type_ids": mm_token_type_ids(ids, self.image_token_id, self.video_token_id)}
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if self.multimodal:
+            inputs["mm_token_type_ids"] = mm_token_type_ids(ids, self.image_token_id, self.video_token_id)
         pixels = [r.pixel_values for r in requests if r.pixel_values is not None]
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels).to(self.model.dtype)
@@ -295,7 +337,7 @@ class HFEngine:
         state = self._prefill(requests, room=max(limits))
         start = state.next_position
         tokens, logprobs, placement = self._decode(state, params, stop_token_ids, limits)
-        outputs = self._cut(tokens, logprobs.cpu(), limits, stop_token_ids)
+        outputs = self._cut(tokens, logprobs.cpu(), limits, stop_token_ids, StopStrings.of(self.tokenizer, params))
         return outputs, self._rows_after(requests, outputs, start, placement)
 
     def _prefill(self, requests: list[GenerationRequest], room: int) -> _Prefilled:
@@ -331,7 +373,12 @@ class HFEngine:
         return state
 
     def _positions(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(3, rows, columns) multimodal rotary positions of each row's unmasked tokens, counted from 0."""
+        """(3, rows, columns) multimodal rotary positions of each row's unmasked tokens, counted from 0.
+
+        A text-only model's 1-D positions come in the same shape (three equal rows; `_forward` passes it one).
+        """
+        if not self.multimodal:
+            return (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
         positions, _ = self.model.model.get_rope_index(
             inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
             image_grid_thw=inputs.get("image_grid_thw"), attention_mask=inputs["attention_mask"])
@@ -344,6 +391,7 @@ class HFEngine:
         mask = state.mask
         if self.windows:
             mask = own_column_masks(state.mask, input_ids.shape[1], self.windows, self.eager_masks, self.model.dtype)
+        positions = positions if self.multimodal else positions[0]
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1, **{self.cache_arg: state.cache}, **pixels)
         state.cache = getattr(out, self.cache_arg)
@@ -362,6 +410,8 @@ class HFEngine:
         """
         scores, steps = TokenScores(params), max(limits)
         stops = torch.tensor(stop_token_ids, device=self.device)
+        stop_strings = StopStrings.of(self.tokenizer, params)
+        texts: list[list[int]] = [[] for _ in limits]  # each row's tokens, read only for stop strings
         limit = torch.tensor(limits, device=self.device)
         done = torch.zeros(len(limits), dtype=torch.bool, device=self.device)
         active = torch.arange(len(limits), device=self.device)  # the request each row of `state` decodes
@@ -375,6 +425,8 @@ class HFEngine:
             tokens.append(token)
             logprobs.append(logprob)
             done |= torch.isin(token, stops) | (limit <= step + 1)
+            if stop_strings is not None:
+                done |= stop_strings.step(texts, token.tolist(), done)
             if step + 1 == steps or bool(done.all()):
                 break
             finished = done[active]

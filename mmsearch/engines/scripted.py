@@ -1,7 +1,8 @@
 """`scripted` engine: a policy written as a function of the trajectory so far.
 
 Token level (with a tokenizer), it returns each turn as the canonical tokenization of the text the
-function writes, followed by the end-of-turn token, exactly as if a model had generated it: tests
+function writes, followed by the end-of-turn token unless the text ends with a stop string (an inline
+protocol's query), exactly as if a model had generated it: tests
 use it to check token-exactness on known turns, and SFT replays gold turns through it. Without a
 tokenizer it is a chat-level engine that returns the text: gold-trajectory planners use it to
 drive the real agent loop and tools without needing any policy's tokenizer.
@@ -28,7 +29,7 @@ class ScriptedEngine:
         for request in requests:
             if request.trajectory is None:
                 raise ValueError("the scripted engine writes turns from the trajectory; pass it in the request")
-            ids = assistant_turn_ids(self.tokenizer, self.write_turn(request.trajectory), self.end_id)
+            ids = assistant_turn_ids(self.tokenizer, self.write_turn(request.trajectory), self.end_id, params.stop_strings)
             limit = request.max_new_tokens or params.max_new_tokens
             finish = "stop" if len(ids) <= limit else "length"
             outputs.append(GenerationOutput(ids[:limit], [0.0] * min(len(ids), limit), finish))

@@ -142,7 +142,11 @@ def sampling_kwargs(params: SamplingParams, max_tokens: int, stop_token_ids: Seq
         "ignore_eos": True,
         "logprobs": 0,
         "seed": None if params.seed is None else params.seed + index,
-        "detokenize": False,  # we keep ids; text is the trajectory builder's job
+        # We keep ids; text is the trajectory builder's job, except that stop strings are matched on text.
+        # The token that completes a stop string stays in `token_ids` (vLLM cuts only the text).
+        "detokenize": bool(params.stop_strings),
+        "stop": list(params.stop_strings) or None,
+        "include_stop_str_in_output": True,
         # Vision placeholders must never be sampled (see SamplingParams.suppress_token_ids). vLLM applies
         # logit_bias before processed log-probs, so those renormalize over the allowed tokens; a policy
         # that puts real mass on these tokens is broken anyway.

@@ -11,8 +11,27 @@
   - MMSearch-R1 / FVQA (lmms-lab/FVQA, verl RL format): `prompt` (chat messages), `images`
     (`{"bytes", "path"}` structs), `reward_model` (`ground_truth`, `candidate_answers` as a JSON
     string), `data_source`, `data_id`, `category` (`search_required` / `search_free`);
+  - FlashRAG QA (what Search-R1 trains and evaluates on): `id`, `question`, `golden_answers`
+    (list), optional `metadata`; Search-R1's processed parquet keeps these columns and adds
+    `data_source`, `prompt`, `reward_model`, ... (its prompt template is ignored: the protocol
+    writes its own). Text-only unless the record has `image` / `images`. The dataset name goes to
+    `Example.meta["dataset"]`: `data_source` where the record has one, else the file name's stem
+    less a trailing split name (`nq-test.jsonl`, `nq_test.jsonl` -> "nq"), else, where the stem
+    is only a split name, the file's folder (`nq/test.jsonl` -> "nq"). The example id is
+    "{dataset}/{id}", because FlashRAG numbers every dataset's records alike ("test_0", ...) and a
+    merged file or a directory of datasets would otherwise collide;
 - a `.parquet` file of the same record shapes (image bytes decoded with PIL), or a directory of
-  parquet files, of which those whose name contains `split` are read.
+  parquet files, of which those whose name contains `split` are read;
+- a directory in FlashRAG's layout, one folder per dataset with `train/dev/test.jsonl`: the
+  `{split}.jsonl` of every folder that has one, in folder-name order (a folder without it is
+  named in a warning; FlashRAG ships some datasets with dev but no test split, which Search-R1
+  evaluates on instead).
+
+Text-only questions: an example may have no image. A FlashRAG record without an image field is
+one; in the other formats the record must say so with an empty list (`"images": []`). A record
+with no image field at all in those formats is still skipped as `missing_image`: there the
+likeliest cause is an image key the loader does not know, and evaluating a VQA set without its
+images would quietly measure something else.
 
 A record that cannot become an example (bad JSON, no question, no answer, a missing or corrupt
 image, a duplicate id) is skipped and counted by reason in the `LoadReport`; it never stops the
@@ -42,6 +61,11 @@ MAX_SKIPPED_EXAMPLES = 10
 INFOSEEK_EXTS = (".jpg", ".JPEG", ".jpeg", ".JPG", ".png", ".PNG")
 _GENERIC_KEYS = {"id", "question", "answers", "answer", "image", "images", "kind", "hops", "requires_search"}
 _IMAGE_TAG = re.compile(r"<image>")
+# a FlashRAG record's own fields, and Search-R1's copies of them (its prompt wraps the question in
+# its template, its reward_model repeats golden_answers): none of these go to Example.meta
+_FLASHRAG_KEYS = {"id", "question", "golden_answers", "image", "images", "prompt", "reward_model"}
+_SPLIT_NAMES = ("train", "dev", "test", "val", "validation")
+_SPLIT_SUFFIX = re.compile(r"[-_.](?:train|dev|test|val|validation)$", re.IGNORECASE)
 
 
 @dataclass
@@ -51,7 +75,7 @@ class LoadReport:
     loaded: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     examples_of_skipped: list[str] = field(default_factory=list)  # the first few, "where: reason: detail"
-    format: str = ""  # dataset_dir | jsonl | parquet
+    format: str = ""  # dataset_dir | jsonl | parquet | flashrag_dir
 
     @property
     def n_skipped(self) -> int:
@@ -78,12 +102,14 @@ class SkipRecord(Exception):
 
 
 def load_examples(path: str, split: str = "test", limit: int | None = None,
-                  image_root: str | None = None) -> tuple[list[Example], LoadReport]:
+                  image_root: str | None = None, text_only: bool = False) -> tuple[list[Example], LoadReport]:
     """The first `limit` examples that load (all if None) from `path`, in file order, and the report.
 
     `split` picks the split of a DatasetDict (or the parquet files of a directory); single files
     have no splits and ignore it. `image_root` resolves relative image paths (default: the file's
     directory) and is required for InfoSeek records, whose images are named by `image_id`.
+    `text_only`: for a text-only policy. A record with no image field is a text question, and one with
+    images is skipped as `has_image` (counted, like every skip).
     """
     root = Path(path)
     if not root.exists():
@@ -92,16 +118,19 @@ def load_examples(path: str, split: str = "test", limit: int | None = None,
         raise ValueError(f"limit must be >= 0, got {limit}")
     fmt, rows, base = _open(root, split)
     report = LoadReport(format=fmt)
-    ctx = _Context(base=Path(image_root) if image_root else base, image_root=image_root, stem=root.stem)
+    ctx = _Context(base=Path(image_root) if image_root else base, image_root=image_root, stem=root.stem,
+                   text_only=text_only)
     examples: list[Example] = []
     seen: set[str] = set()
-    for index, (where, row) in enumerate(rows):
+    for index, (where, row, source) in enumerate(rows):
         if limit is not None and len(examples) >= limit:
             break
         try:
             if isinstance(row, SkipRecord):
                 raise row
-            example = _to_example(row, index, ctx)
+            example = _to_example(row, index, ctx, source)
+            if text_only and example.images:
+                raise SkipRecord("has_image", f"{len(example.images)} image(s), and the policy is text-only")
             if example.id in seen:
                 raise SkipRecord("duplicate_id", f"id {example.id!r} already loaded")
         except SkipRecord as skip:
@@ -116,26 +145,54 @@ def load_examples(path: str, split: str = "test", limit: int | None = None,
 
 
 # --- sources: each yields (where, raw record dict | SkipRecord) in a fixed order ----------------------
+# `_open` tags every record with the file it came from (FlashRAG records take their dataset name from it).
 
-def _open(root: Path, split: str) -> tuple[str, Iterator[tuple[str, Any]], Path]:
+def _open(root: Path, split: str) -> tuple[str, Iterator[tuple[str, Any, Path]], Path]:
     if root.is_dir():
         if (root / "dataset_dict.json").exists() or (root / "state.json").exists():
-            return "dataset_dir", _dataset_rows(root, split), root
+            return "dataset_dir", _from(root, _dataset_rows(root, split)), root
         parquets = sorted(root.glob("*.parquet"))
         if parquets:
             chosen = [p for p in parquets if split in p.stem]
             if not chosen:
                 raise ValueError(f"split {split!r} not found in {root}: no parquet file name contains it "
                                  f"(files: {', '.join(p.name for p in parquets)})")
-            return "parquet", (r for p in chosen for r in _parquet_rows(p)), root
+            return "parquet", (r for p in chosen for r in _from(p, _parquet_rows(p))), root
+        folders = sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("*.jsonl")))
+        if folders:
+            return "flashrag_dir", _flashrag_dir_rows(root, folders, split), root
         raise ValueError(f"{root} is a directory but neither a saved datasets Dataset/DatasetDict "
-                         "(dataset_dict.json / state.json) nor a directory of .parquet files")
+                         "(dataset_dict.json / state.json), a directory of .parquet files, nor FlashRAG's "
+                         "layout (one folder of .jsonl files per dataset)")
     suffix = root.suffix.lower()
     if suffix == ".jsonl":
-        return "jsonl", jsonl_records(root), root.parent
+        return "jsonl", _from(root, jsonl_records(root)), root.parent
     if suffix == ".parquet":
-        return "parquet", _parquet_rows(root), root.parent
+        return "parquet", _from(root, _parquet_rows(root)), root.parent
     raise ValueError(f"unrecognised dataset format {root.name!r}: expected a dataset dir, .jsonl or .parquet")
+
+
+def _from(source: Path, rows: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any, Path]]:
+    for where, row in rows:
+        yield where, row, source
+
+
+def _flashrag_dir_rows(root: Path, folders: list[Path], split: str) -> Iterator[tuple[str, Any, Path]]:
+    """`{folder}/{split}.jsonl` of each dataset folder; raises before the first row if none has the split."""
+    files = [d / f"{split}.jsonl" for d in folders if (d / f"{split}.jsonl").is_file()]
+    if not files:
+        raise ValueError(f"split {split!r} not found in {root}: no dataset folder has {split}.jsonl "
+                         f"(folders: {', '.join(d.name for d in folders)})")
+    missing = [d.name for d in folders if not (d / f"{split}.jsonl").is_file()]
+    if missing:
+        log.warning("%s: no %s.jsonl in %s; those datasets are not loaded", root, split, ", ".join(missing))
+
+    def rows() -> Iterator[tuple[str, Any, Path]]:
+        for file in files:
+            for where, row in jsonl_records(file):
+                yield f"{file.parent.name}/{file.name} {where}", row, file
+
+    return rows()
 
 
 def _dataset_rows(root: Path, split: str) -> Iterator[tuple[str, Any]]:
@@ -194,9 +251,13 @@ class _Context:
     base: Path  # relative image paths resolve against this
     image_root: str | None
     stem: str  # default ids: "{stem}-{index}"
+    text_only: bool = False  # a text-only policy's load: no image field means no image
 
 
-def _to_example(row: dict, index: int, ctx: _Context) -> Example:
+def _to_example(row: dict, index: int, ctx: _Context, source: Path) -> Example:
+    # FlashRAG first: Search-R1's parquet also has `prompt` and `reward_model`, which would read as MMSearch-R1.
+    if "golden_answers" in row:
+        return _flashrag(row, index, ctx, source)
     if "image_id" in row and "data_id" in row and "image" not in row and "images" not in row:
         return _infoseek(row, ctx)
     if "reward_model" in row or ("prompt" in row and "question" not in row):
@@ -267,6 +328,27 @@ def _mmsearch_r1(row: dict, index: int, ctx: _Context) -> Example:
     return Example(id=_id(row.get("data_id", row.get("id")), index, ctx), question=question, images=images,
                    answers=answers, kind=_kind(row.get("kind")), hops=_hops(row.get("hops")),
                    requires_search=requires_search, meta=meta)
+
+
+def _flashrag(row: dict, index: int, ctx: _Context, source: Path) -> Example:
+    question = _question(row.get("question"))
+    answers = _answers(row.get("golden_answers"))
+    image = row.get("images") if row.get("images") is not None else row.get("image")
+    images = [] if image is None else _images(image, ctx)  # FlashRAG's QA sets are text-only
+    dataset = dataset_name(row.get("data_source"), source)
+    meta = {k: v for k, v in row.items() if k not in _FLASHRAG_KEYS} | {"dataset": dataset}
+    return Example(id=f"{dataset}/{_id(row.get('id'), index, ctx)}", question=question, images=images,
+                   answers=answers, meta=meta)
+
+
+def dataset_name(data_source: Any, source: Path) -> str:
+    """A FlashRAG record's dataset: its `data_source`, else named by its file (see the module docstring)."""
+    if isinstance(data_source, str) and data_source.strip():
+        return data_source.strip()
+    stem = source.stem
+    if stem.lower() in _SPLIT_NAMES:  # FlashRAG's own layout: {dataset}/{split}.jsonl
+        return source.resolve().parent.name
+    return _SPLIT_SUFFIX.sub("", stem) or stem
 
 
 def _prompt_question(prompt: Any) -> str | None:
@@ -343,8 +425,12 @@ def _requires_search(value: Any) -> bool | None:
 
 
 def _images(value: Any, ctx: _Context) -> list[Image.Image]:
-    if value is None or value == []:
+    if value is None and ctx.text_only:
+        return []
+    if value is None:
         raise SkipRecord("missing_image", "no image or images")
+    if isinstance(value, list) and not value:  # the record says it has no image: a text-only question
+        return []
     values = value if isinstance(value, list) else [value]
     return [_image(v, ctx) for v in values]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from mmsearch.protocol import parse_action
+from mmsearch.protocols.qwen_tools import parse_action
 
 MAX_SIDE = 320  # longest side of an image on the page, in CSS pixels
 JPEG_QUALITY = 60

@@ -4,6 +4,13 @@ Every rate is a mean over trajectories (one trajectory is one attempt at one que
 samples per question each question weighs n). Breakdowns group trajectories by their example's
 hop count, kind and whether it requires search; an example the run does not know falls in
 "unknown".
+
+When examples name their dataset (`Example.meta["dataset"]`, as the FlashRAG / Search-R1 loader
+sets it), the summary also has `by_dataset` (the same scores per dataset, in the order the datasets
+first appear in the run) and `dataset_average`: the unweighted mean of the datasets' EM, F1 and
+accuracy, the figure Search-R1 reports over NQ, TriviaQA, PopQA, HotpotQA, 2Wiki, Musique and
+Bamboogle, where a pooled mean would let the largest test set decide. Questions of no named dataset
+are listed as "unknown" and left out of the average.
 """
 
 from __future__ import annotations
@@ -39,6 +46,15 @@ def summarize(records: list[dict], examples: dict[str, Example], wall_s: float) 
         ex = example_of(r)
         return UNKNOWN if ex is None or ex.requires_search is None else str(ex.requires_search).lower()
 
+    def dataset_key(r: dict) -> str:
+        ex = example_of(r)
+        name = ex.meta.get("dataset") if ex is not None else None
+        return str(name) if name else UNKNOWN
+
+    by_dataset = {}
+    if any(dataset_key(r) != UNKNOWN for r in records):
+        by_dataset = _breakdown(records, dataset_key, accuracy_metric, sort=False)
+
     called = {c["name"] for r in records for c in r.get("tool_calls", [])}
     tools = [*STANDARD_TOOLS, *sorted(called - set(STANDARD_TOOLS))]
     tool_table = {}
@@ -66,6 +82,7 @@ def summarize(records: list[dict], examples: dict[str, Example], wall_s: float) 
         "by_hops": _breakdown(records, hops_key, accuracy_metric, numeric=True),
         "by_kind": _breakdown(records, kind_key, accuracy_metric),
         "by_requires_search": _breakdown(records, search_key, accuracy_metric),
+        **({"by_dataset": by_dataset, "dataset_average": _average(by_dataset)} if by_dataset else {}),
         "tools": tool_table,
         "search_share": _mean([1.0 if any(c["name"] in SEARCH_TOOLS for c in r.get("tool_calls", [])) else 0.0
                                for r in records]),
@@ -102,7 +119,9 @@ def _scores(records: list[dict], accuracy_metric: str) -> dict:
     }
 
 
-def _breakdown(records: list[dict], key, accuracy_metric: str, numeric: bool = False) -> dict:
+def _breakdown(records: list[dict], key, accuracy_metric: str, numeric: bool = False, sort: bool = True) -> dict:
+    """Scores per group; groups sorted by key (numerically with `numeric`), or with `sort=False` in
+    order of first appearance; "unknown" last either way."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         groups[key(r)].append(r)
@@ -110,10 +129,18 @@ def _breakdown(records: list[dict], key, accuracy_metric: str, numeric: bool = F
     def order(k: str):
         if k == UNKNOWN:
             return (1, 0, k)
+        if not sort:
+            return (0, 0, "")  # sorted() is stable: first appearance
         return (0, int(k), k) if numeric else (0, 0, k)
 
     return {k: {"n": len(rs), "n_questions": len({r["example_id"] for r in rs}), **_scores(rs, accuracy_metric)}
             for k, rs in sorted(groups.items(), key=lambda kv: order(kv[0]))}
+
+
+def _average(groups: dict) -> dict:
+    """The unweighted mean of the named groups' scores ("unknown" is no dataset and is left out)."""
+    named = [g for k, g in groups.items() if k != UNKNOWN]
+    return {"n_datasets": len(named), **{m: _mean([g[m] for g in named]) for m in ("em", "f1", "accuracy")}}
 
 
 # --- Markdown --------------------------------------------------------------------------------------------
@@ -171,6 +198,13 @@ def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
          ["tool errors per trajectory", _num(errors["per_trajectory"])],
          ["share of tool calls that failed", _pct(errors["share_of_calls"])]],
     )
+    datasets = []
+    if summary.get("by_dataset"):  # summaries of runs without dataset names (and older runs) have none
+        title, header, rows = _group_table("dataset", "dataset", summary["by_dataset"])
+        average = summary["dataset_average"]
+        rows.append([f"average of {average['n_datasets']} datasets (unweighted)", "–", "–", _pct(average["em"]),
+                     _pct(average["f1"]), _pct(average["accuracy"])])
+        datasets = [(title, header, rows)]
     n = o["n_trajectories"]
     stops = ("Stop reasons", ["stop reason", "trajectories", "share"],
              [[k, str(v), _pct(v / n if n else 0.0)] for k, v in summary["stop_reasons"].items()])
@@ -179,6 +213,7 @@ def tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         _group_table("hop count", "hops", summary["by_hops"]),
         _group_table("kind", "kind", summary["by_kind"]),
         _group_table("requires search", "requires search", summary["by_requires_search"]),
+        *datasets,
         tools,
         behaviour,
         stops,
@@ -213,6 +248,11 @@ def compare(summaries: dict[str, dict]) -> str:
     rows += [(f"EM, {k} hops", pick(lambda s, k=k: s["by_hops"].get(k, {}).get("em")), True) for k in hops]
     for key, label in (("true", "requires search"), ("false", "search-free")):
         rows.append((f"EM, {label}", pick(lambda s, key=key: s["by_requires_search"].get(key, {}).get("em")), True))
+    # per dataset where any run has them; a run without a dataset shows "–"
+    datasets = list(dict.fromkeys(k for s in summaries.values() for k in s.get("by_dataset", {})))
+    rows += [(f"EM, {k}", pick(lambda s, k=k: s.get("by_dataset", {}).get(k, {}).get("em")), True) for k in datasets]
+    if datasets:
+        rows.append(("EM, dataset average", pick(lambda s: s.get("dataset_average", {}).get("em")), True))
     rows.append(("tool calls per question", pick(lambda s: sum(t["calls_per_question"] for t in s["tools"].values())),
                  False))
     for tool in ("crop", "image_search", "text_search"):

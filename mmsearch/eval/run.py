@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mmsearch.agent.loop import AgentLoop, Timings
-from mmsearch.agent.setup import RolloutConfig, build_loop
+from mmsearch.agent.setup import RolloutConfig, build_loop, policy_is_text_only
 from mmsearch.example import Example
 from mmsearch.rewards import RewardConfig, compute_rewards_batch
 from mmsearch.trajectory import Trajectory
@@ -46,8 +46,11 @@ def run_eval(cfg: EvalConfig, engine=None, progress: bool = True, loop: AgentLoo
 
     if not cfg.data:
         raise ValueError("eval needs data= (a dataset dir or a JSONL/Parquet file)")
+    # a text-only policy reads imageless questions; those with images are skipped and counted (has_image)
+    text_only = (policy_is_text_only(cfg.engine, engine) if loop is None
+                 else loop.builder is not None and loop.builder.text_only)
     examples, load_report = load_examples(cfg.data, split=cfg.split, limit=cfg.limit or None,
-                                          image_root=cfg.image_root or None)
+                                          image_root=cfg.image_root or None, text_only=text_only)
     if not examples:
         raise ValueError(f"no usable examples in {cfg.data} ({load_report})")
     by_id = {ex.id: ex for ex in examples}

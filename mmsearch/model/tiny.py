@@ -5,6 +5,11 @@ byte-level BPE tokenizer trained on the KB's text (plus the Qwen special tokens 
 tags), a 2-block vision tower with patch 14 and spatial merge 2, and a few decoder layers with
 multimodal rotary positions. The saved dir loads with `AutoModelForImageTextToText` and
 `AutoProcessor` like any Qwen2.5-VL checkpoint, so everything downstream treats it as one.
+
+`text_only` (`init-tiny --text-only`, configs/model/tiny_text.yaml) writes the text-only policy
+instead: the same tokenizer and chat template and the same decoder (Qwen2.5-VL's language model is
+Qwen2's), as a `Qwen2ForCausalLM` with 1-D rotary positions and no vision tower. It loads with
+`AutoModelForCausalLM` and `AutoTokenizer` like Qwen2.5-*-Instruct.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ class TinyPolicyConfig:
     # (`data_pipeline.synth.templates.sample_questions`): without them the KB's names take the merges
     # and question words split into letters ("H ow  ma n y") (README, "Question words and reading rows").
     wording_questions: int = 3000
+    text_only: bool = False  # a Qwen2 causal LM (tokenizer + model, for text_search alone) instead of Qwen2.5-VL
     text: TinyTextConfig = field(default_factory=TinyTextConfig)
     vision: TinyVisionConfig = field(default_factory=TinyVisionConfig)
 
@@ -101,7 +107,7 @@ class TinyPolicyConfig:
 def _kb_texts(kb: Path, wording_questions: int = 0) -> Iterator[str]:
     """Everything the policy will read or write: passages, image captions, entity names and facts, the
     protocol, and `wording_questions` questions in the pipeline's wording (no entity in them)."""
-    from mmsearch.protocol import tool_prompt_examples
+    from mmsearch.protocols.qwen_tools import tool_prompt_examples
 
     for name in ("passages.jsonl", "images.jsonl", "entities.jsonl"):
         path = kb / name
@@ -166,6 +172,40 @@ def build_processor(tokenizer, vision: TinyVisionConfig):
     )
 
 
+def _decoder_config(tokenizer, t: TinyTextConfig) -> dict:
+    """The language model's config (Qwen2's fields), shared by the VL policy and the text-only one."""
+    if t.sliding_window and not 0 < t.window_layers <= t.num_hidden_layers:
+        raise ValueError(f"text.window_layers {t.window_layers} must be in 1..num_hidden_layers ({t.num_hidden_layers})")
+    windowed = t.window_layers if t.sliding_window else 0
+    window = {"use_sliding_window": True, "sliding_window": t.sliding_window} if windowed else {}
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "vocab_size": len(tokenizer), "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads, "max_position_embeddings": t.max_position_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
+        "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"), "pad_token_id": ids("<|endoftext|>"),
+        "layer_types": ["sliding_attention"] * windowed + ["full_attention"] * (t.num_hidden_layers - windowed),
+        **window,
+    }
+
+
+def _generation_defaults(model, tokenizer):
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return model
+
+
+def build_text_model(tokenizer, cfg: TinyPolicyConfig):
+    """The text-only policy: the VL policy's decoder as a Qwen2 causal LM (1-D rotary positions, no vision)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**_decoder_config(tokenizer, cfg.text), tie_word_embeddings=True)
+    torch.manual_seed(cfg.seed)
+    return _generation_defaults(Qwen2ForCausalLM(config), tokenizer)
+
+
 def build_model(tokenizer, cfg: TinyPolicyConfig):
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -174,21 +214,11 @@ def build_model(tokenizer, cfg: TinyPolicyConfig):
     head_dim = t.hidden_size // t.num_attention_heads
     if sum(t.mrope_section) * 2 != head_dim:
         raise ValueError(f"text.mrope_section {t.mrope_section} must sum to head_dim/2 = {head_dim // 2}")
-    if t.sliding_window and not 0 < t.window_layers <= t.num_hidden_layers:
-        raise ValueError(f"text.window_layers {t.window_layers} must be in 1..num_hidden_layers ({t.num_hidden_layers})")
-    windowed = t.window_layers if t.sliding_window else 0
-    window = {"use_sliding_window": True, "sliding_window": t.sliding_window} if windowed else {}
     ids = tokenizer.convert_tokens_to_ids
+    text = _decoder_config(tokenizer, t)
+    text["rope_parameters"]["mrope_section"] = list(t.mrope_section)
     config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer), "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
-            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
-            "num_key_value_heads": t.num_key_value_heads, "max_position_embeddings": t.max_position_embeddings,
-            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
-            "bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"), "pad_token_id": ids("<|endoftext|>"),
-            "layer_types": ["sliding_attention"] * windowed + ["full_attention"] * (t.num_hidden_layers - windowed),
-            **window,
-        },
+        text_config=text,
         vision_config={
             "depth": v.depth, "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size, "num_heads": v.num_heads,
             "out_hidden_size": t.hidden_size, "patch_size": v.patch_size, "spatial_merge_size": v.spatial_merge_size,
@@ -200,20 +230,20 @@ def build_model(tokenizer, cfg: TinyPolicyConfig):
         tie_word_embeddings=True,
     )
     torch.manual_seed(cfg.seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = ids("<|im_end|>")
-    model.generation_config.pad_token_id = ids("<|endoftext|>")
-    return model
+    return _generation_defaults(Qwen2_5_VLForConditionalGeneration(config), tokenizer)
 
 
 def init_tiny(cfg: TinyPolicyConfig) -> Path:
-    """Train the tokenizer, build processor and model, and save them as one Hugging Face dir."""
+    """Train the tokenizer, build processor (text-only: the tokenizer alone) and model, and save them as one
+    Hugging Face dir."""
     kb, out = Path(cfg.kb), Path(cfg.out)
     if not (kb / "passages.jsonl").exists():
         raise FileNotFoundError(f"{kb} is not a KB dir (no passages.jsonl)")
     tokenizer = train_tokenizer(kb, cfg.vocab_size, cfg.wording_questions)
-    processor = build_processor(tokenizer, cfg.vision)
-    model = build_model(tokenizer, cfg)
+    if cfg.text_only:
+        processor, model = tokenizer, build_text_model(tokenizer, cfg)
+    else:
+        processor, model = build_processor(tokenizer, cfg.vision), build_model(tokenizer, cfg)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -1,4 +1,4 @@
-"""PPO's value model: the policy's trunk (vision included) with a scalar head, trained beside the policy.
+"""PPO's value model: the policy's trunk (vision included, if it has one) with a scalar head, trained beside the policy.
 
 As in verl and Search-R1, the critic starts from the same checkpoint as the policy and is a separate
 model (no shared weights), so its updates never move the policy. `values[:, t]` is the value of the
@@ -18,9 +18,9 @@ from mmsearch.logprobs import policy_hidden_states
 class ValueModel(nn.Module):
     def __init__(self, policy_path: str, device: str):
         super().__init__()
-        from transformers import AutoModelForImageTextToText
+        from mmsearch.model.policy import load_model
 
-        full = AutoModelForImageTextToText.from_pretrained(policy_path, dtype=torch.float32)
+        full = load_model(policy_path, torch.float32)
         full.lm_head = nn.Identity()  # the trunk is all a critic keeps
         self.trunk = full.to(device)
         hidden = full.config.get_text_config().hidden_size

@@ -16,7 +16,7 @@ import random
 import time
 
 from mmsearch.agent.loop import AgentLoop, Timings
-from mmsearch.agent.setup import RolloutConfig, build_backend, vision_from_processor
+from mmsearch.agent.setup import RolloutConfig, build_backend, protocol_for, vision_from_processor
 from mmsearch.engines.hf import HFEngine
 from mmsearch.example import Example
 from mmsearch.rl.config import RLConfig
@@ -66,12 +66,13 @@ class Rollouts:
         rollout = RolloutConfig(agent=cfg.rollout.agent, tools=cfg.rollout.tools, index=cfg.index, server=cfg.server)
         rollout.engine.device = cfg.device
         rollout.tools.vision = vision_from_processor(processor, rollout.tools.vision)
+        protocol = protocol_for(rollout.agent, rollout.tools)
         if cfg.rollout.engine == "vllm":
             self.engine = colocated_vllm(cfg, model)
         else:
             self.engine = HFEngine(hf_model(model), processor, max_batch=cfg.rollout.max_batch)
         self.toolbox = build_toolbox(rollout.tools, build_backend(rollout))
-        self.loop = AgentLoop(self.engine, self.toolbox, TrajectoryBuilder(processor), cfg.rollout.agent)
+        self.loop = AgentLoop(self.engine, self.toolbox, TrajectoryBuilder(processor, protocol=protocol), cfg.rollout.agent)
 
     @property
     def vllm(self) -> bool:

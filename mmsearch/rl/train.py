@@ -102,17 +102,21 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
     seed_everything(cfg.seed)
 
     # data and the reward functions' needs, checked before anything heavy is loaded
-    from transformers import AutoProcessor
-
+    from mmsearch.agent.setup import check_image_tools
     from mmsearch.eval.loaders import load_examples
+    from mmsearch.model.policy import is_text_only, load_processor
     from mmsearch.rewards import check_reward_fields
 
-    examples, load_report = load_examples(cfg.data, split=cfg.train_split)
+    processor = load_processor(cfg.model)  # a text-only policy's: its tokenizer
+    text_only = is_text_only(processor)
+    check_image_tools(cfg.rollout.tools.enabled, text_only, "rollout.tools.enabled")
+    if cfg.eval.enabled:
+        check_image_tools(cfg.eval.tools.enabled, text_only, "eval.tools.enabled")
+    examples, load_report = load_examples(cfg.data, split=cfg.train_split, text_only=text_only)
     if not examples:
         raise ValueError(f"no usable examples in {cfg.data}[{cfg.train_split}] ({load_report})")
     check_reward_fields(cfg.rewards, examples)
     by_id = {ex.id: ex for ex in examples}
-    processor = AutoProcessor.from_pretrained(cfg.model)
 
     # the policy, its optimizer, the reference policy and the critic
     a = cfg.algorithm
@@ -170,7 +174,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
     autocast = (torch.autocast(device_type=info.device.split(":")[0], dtype=torch.bfloat16)
                 if cfg.precision == "bf16" else contextlib.nullcontext())
     pad_id = processor.tokenizer.pad_token_id or 0
-    image_token_id = model.config.image_token_id
+    image_token_id = getattr(model.config, "image_token_id", None)  # None: a text-only policy
 
     def save(name: str) -> Path:
         def extra(folder: Path) -> None:

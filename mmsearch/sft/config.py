@@ -26,6 +26,8 @@ class SFTConfig:
     model: str = "runs/policy"  # a Qwen2-VL / Qwen2.5-VL / Qwen3-VL dir or hub name (with its processor)
     data: str = "runs/dataset"  # a dataset dir from `mmsearch synth` (rows with gold `messages`); "": copy rows only
     train_split: str = "train"
+    # The protocol the gold rows are rendered in (mmsearch/protocols); the periodic eval speaks it too.
+    protocol: str = "qwen_tools"
     out: str = "runs/sft"
     seed: int = 0
     epochs: int = 1

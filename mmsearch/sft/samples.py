@@ -21,13 +21,13 @@ from pathlib import Path
 
 from mmsearch.eval.loaders import LoadReport, SkipRecord, load_examples
 from mmsearch.example import Example
-from mmsearch.protocol import parse_action
+from mmsearch.protocols import ProtocolError, convert_messages
 from mmsearch.sft.augment import NameSwap, message_texts
 from mmsearch.sft.reading import reading_fragments
 from mmsearch.trajectory import Trajectory, TrajectoryBuilder, assistant_turn_ids
 from tools.base import Toolbox, ToolContext
 from tools.config import ToolsConfig, VisionResizeConfig
-from tools.registry import build_toolbox
+from tools.registry import build_toolbox, tool_schemas
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,20 @@ def build_sample(builder: TrajectoryBuilder, example: Example, messages: list[di
     """One gold trajectory as a token-exact Trajectory; raises SkipRecord when it cannot be rebuilt."""
     if len(messages) < 3 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
         raise SkipRecord("malformed_trajectory", "messages must start with system and user")
-    traj = builder.start(example.id, 0, messages[0]["content"], example.question, example.images)
+    protocol = builder.protocol
+    try:
+        messages = convert_messages(messages, protocol, tool_schemas(ToolsConfig()), example.question)
+    except ProtocolError as exc:
+        raise SkipRecord(f"not_in_{protocol.name}", str(exc)) from None
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    first = 2 if system is not None else 1
+    traj = builder.start(example.id, 0, system, example.question, example.images)
     last_call = None
-    for message in messages[2:]:
+    for message in messages[first:]:
         if message["role"] == "assistant":
-            ids = assistant_turn_ids(builder.tokenizer, message["content"], builder.end_of_turn_id)
+            ids = assistant_turn_ids(builder.tokenizer, message["content"], builder.end_of_turn_id, protocol.stop_strings)
             builder.add_generation(traj, ids, None)
-            last_call = parse_action(message["content"])
+            last_call = protocol.parse(message["content"])
         elif message["role"] == "tool":
             text, n_images = _tool_parts(message)
             images = _tool_images(traj, last_call, n_images, crops)
@@ -115,7 +122,7 @@ def load_samples(data: str, split: str, builder: TrajectoryBuilder, vision: Visi
     With `reading_rows` > 0, that many reading fragments of renamed rows follow (`mmsearch.sft.reading`).
     """
     check_vision(data, vision)
-    examples, report = load_examples(data, split=split, limit=limit)
+    examples, report = load_examples(data, split=split, limit=limit, text_only=builder.text_only)
     crops = crop_toolbox(vision)
     rows = []
     for example in examples:

@@ -62,16 +62,20 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
     seed_everything(cfg.seed)
 
     # 1. samples (every rank builds the same list; it is cheap next to training)
-    from transformers import AutoProcessor
     from transformers.utils import logging as hf_logging
 
-    from mmsearch.agent.setup import vision_from_processor
+    from mmsearch.agent.setup import check_image_tools, vision_from_processor
+    from mmsearch.model.policy import load_processor
+    from mmsearch.protocols import get_protocol
     from mmsearch.trajectory import TrajectoryBuilder
     from tools.config import VisionResizeConfig
 
     hf_logging.disable_progress_bar()
-    processor = AutoProcessor.from_pretrained(cfg.model)
-    builder = TrajectoryBuilder(processor)
+    processor = load_processor(cfg.model)  # a text-only policy's: its tokenizer
+    builder = TrajectoryBuilder(processor, protocol=get_protocol(cfg.protocol))
+    cfg.eval.agent.protocol = cfg.protocol  # the policy is evaluated in the protocol it learns
+    if cfg.eval.enabled:  # refused now, not at the first eval
+        check_image_tools(cfg.eval.tools.enabled, builder.text_only, "eval.tools.enabled")
     vision = vision_from_processor(processor, VisionResizeConfig())
     limits = SampleLimits(cfg.batch.max_tool_response_tokens, cfg.batch.max_seq_tokens)
     if cfg.data:

@@ -44,9 +44,9 @@ class Evaluator:
 
 def _whole_copy(model, weights: dict):
     """A fresh model of `model`'s config holding `weights` (a whole state dict), on `model`'s device."""
-    from transformers import AutoModelForImageTextToText
+    from mmsearch.model.policy import model_class
 
-    copy = AutoModelForImageTextToText.from_config(model.config)
+    copy = model_class(model.config).from_config(model.config)
     missing, unexpected = copy.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if model.get_output_embeddings().weight is model.get_input_embeddings().weight else set()
     if set(missing) - tied or unexpected:

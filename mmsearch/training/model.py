@@ -15,21 +15,26 @@ from mmsearch.training.config import FreezeConfig, LoraConfig
 
 def load_policy(path: str, device: str, lora: LoraConfig, freeze: FreezeConfig,
                 gradient_checkpointing: bool = False) -> nn.Module:
-    """The policy in fp32 (bf16 runs under autocast), with `freeze` and `lora` applied."""
-    from transformers import AutoModelForImageTextToText
+    """The policy in fp32 (bf16 runs under autocast), with `freeze` and `lora` applied.
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device)
+    A text-only policy (a causal LM) has no vision side: `freeze` has nothing to act on there.
+    """
+    from mmsearch.model.policy import is_vision_language, load_model
+
+    model = load_model(path, torch.float32).to(device)
+    vision = is_vision_language(model.config)
     if lora.r > 0:
         from peft import LoraConfig, get_peft_model
 
         targets = "|".join(lora.target_modules)
+        # only the language model's layers: the vision blocks reuse names like gate_proj
+        layers = r".*language_model\.layers" if vision else r"model\.layers"
         model = get_peft_model(model, LoraConfig(  # freezes everything it does not adapt
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            # only the language model's layers: the vision blocks reuse names like gate_proj
-            target_modules=rf".*language_model\.layers\.\d+\..*\.({targets})",
+            target_modules=rf"{layers}\.\d+\..*\.({targets})",
         ))
     # The vision side trains unless frozen, with or without LoRA on the language model.
-    for name, p in hf_model(model).model.visual.named_parameters():
+    for name, p in hf_model(model).model.visual.named_parameters() if vision else ():
         p.requires_grad_(not (freeze.projector if name.startswith("merger.") else freeze.vision_tower))
     if gradient_checkpointing:
         base = hf_model(model)

@@ -12,6 +12,15 @@ recall@1/@5 count the query's `image_id` among the nearest. Exact boxes are easy
 KB image, resized), so `jitter_recall@k` repeats it with every box side moved at random, as a
 policy's own boxes are off: that is the number training moves.
 
+A KB without scenes (most KBs users bring) is evaluated on random crops of its own images instead
+(`kb_image_crops`): a fixed, seeded subset of the images, one crop each, searched against all of
+them. That is a weaker test, and the report names which one ran (`eval_queries`): the query is
+the gallery image's own pixels (no other objects, background, occlusion or change of lighting
+and scale as in a scene), and the model was trained on random crops of these very images, so it
+measures near-duplicate matching on seen images rather than finding an object in a new picture.
+It still catches a model that learned nothing. Where there are no queries at all, recall is
+recorded as null and a warning says so, never a recall over zero queries.
+
 With `model_name` empty, a small ViT is trained from scratch (the embedded default: the generated
 world on a CPU in minutes). With `model_name` (+ `pretrained`) a named open_clip model is
 fine-tuned by the same loop. The output dir is open_clip's local-dir format, so
@@ -22,6 +31,7 @@ load it; `metrics.jsonl`, TensorBoard events (`tb/`) and `report.json` sit besid
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -42,6 +52,8 @@ from tqdm.auto import tqdm
 from tools.device import resolve_device
 from tools.encoders.clip import CONFIG_FILE, WEIGHTS_FILE, ImageEncoder, model_dir_version
 from tools.kb import KB, ImageRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,7 +112,9 @@ class ClipTrainConfig:
     # Logging and evaluation
     log_every: int = 10
     eval_every: int = 75  # 0: evaluate only at the end
-    eval_max_queries: int = 1000  # scene-object crops used as queries (the first ones in file order)
+    # Queries: scene-object crops (the first ones in file order), or, in a KB without scenes, crops
+    # of this many KB images
+    eval_max_queries: int = 1000
     # A second query set moves each side of each box by up to this fraction of its size, as a
     # policy's own boxes are off; it is reported as jitter_recall@k.
     eval_jitter: float = 0.2
@@ -129,8 +143,11 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict:
         model, preprocess, name=str(out), version="training", dim=int(model_cfg["embed_dim"]),
         device=device, batch_size=cfg.eval_batch_size,
     )
-    queries = scene_queries(kb, cfg.eval_max_queries)
-    jittered_queries = scene_queries(kb, cfg.eval_max_queries, jitter=cfg.eval_jitter)
+    query_source, queries, jittered_queries = eval_queries(kb, records, cfg.eval_max_queries, cfg.eval_jitter)
+    ids = {r.id for r in records}
+    if not any(q.image_id in ids for q in queries):  # no scene objects, or none of a KB image the model sees
+        log.warning("%s: no evaluation queries (%s, eval_max_queries=%d): recall is not measured and is "
+                    "recorded as null", cfg.kb, query_source, cfg.eval_max_queries)
 
     augment = T.Compose([
         RandomRelativeCrop(scale=(cfg.crop_scale_min, cfg.crop_scale_max)),
@@ -159,7 +176,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict:
     writer = SummaryWriter(str(out / "tb"))
     metrics = (out / "metrics.jsonl").open("w", encoding="utf-8")
 
-    def log(row: dict) -> None:
+    def log_row(row: dict) -> None:
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         for key, value in row.items():
@@ -171,7 +188,10 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict:
         recall = retrieval_recall(encoder, gallery, records, queries)
         jittered = retrieval_recall(encoder, gallery, records, jittered_queries)
         recall |= {f"jitter_{k}": v for k, v in jittered.items() if k.startswith("recall")}
-        log({"step": step} | {k: v for k, v in recall.items() if "recall" in k})
+        recall["eval_queries"] = query_source
+        measured = {k: v for k, v in recall.items() if "recall" in k and v is not None}
+        if measured:  # with no queries there is no recall to log (a 0.0 would read as a broken model)
+            log_row({"step": step} | measured)
         return recall
 
     batches = _forever(loader)
@@ -212,11 +232,13 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict:
                 "step": step, "loss": loss.item(), "loss_text": loss_text.item(), "loss_image": loss_image.item(),
                 "lr": lr, "logit_scale": scale.item(), "seconds": round(time.time() - t0, 2),
             }
-            log(row)
+            log_row(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
             recall = evaluate(step)
-            bar.set_postfix(loss=f"{loss.item():.3f}", r1=f"{recall['recall@1']:.3f}", jr1=f"{recall['jitter_recall@1']:.3f}")
+            if recall["recall@1"] is not None:
+                bar.set_postfix(loss=f"{loss.item():.3f}", r1=f"{recall['recall@1']:.3f}",
+                                jr1=f"{recall['jitter_recall@1']:.3f}")
     bar.close()
     train_seconds = time.time() - t0
 
@@ -394,8 +416,46 @@ def _forever(loader: DataLoader):
 
 @dataclass
 class SceneQuery:
-    image: Image.Image  # the object's crop out of its scene
+    image: Image.Image  # the object's crop out of its scene (or out of the KB image itself)
     image_id: str  # the KB image it shows: the right answer
+
+
+def eval_queries(kb: KB, records: list[ImageRecord], max_queries: int,
+                 jitter: float) -> tuple[str, list[SceneQuery], list[SceneQuery]]:
+    """(which test, queries, the same with jittered boxes): scene-object crops, else crops of KB images."""
+    queries = scene_queries(kb, max_queries)
+    if queries:
+        return "scene_crops", queries, scene_queries(kb, max_queries, jitter=jitter)
+    queries = image_crop_queries(kb, records, max_queries)
+    if queries:
+        return "kb_image_crops", queries, image_crop_queries(kb, records, max_queries, jitter=jitter)
+    return "none", [], []
+
+
+def image_crop_queries(kb: KB, records: list[ImageRecord], max_queries: int, jitter: float = 0.0,
+                       area: tuple[float, float] = (0.25, 0.6), seed: int = 0) -> list[SceneQuery]:
+    """One random crop (`area` of the image, aspect within 3:4..4:3 of its own) of each of up to
+    `max_queries` KB images, a seeded subset in file order: the queries of a KB without scenes.
+
+    Subset and boxes come from one seeded generator and the jitter (as in `scene_queries`, clipped
+    to the image) from another, so the jittered set moves exactly the boxes of the plain one.
+    """
+    rng, jitter_rng = random.Random(seed), random.Random(seed + 1)
+    chosen = sorted(rng.sample(range(len(records)), min(max(0, max_queries), len(records))))
+    queries = []
+    for i in chosen:
+        image = _open_rgb(kb, records[i])
+        fraction, ratio = rng.uniform(*area), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w = min(image.width, max(1.0, image.width * math.sqrt(fraction * ratio)))
+        h = min(image.height, max(1.0, image.height * math.sqrt(fraction / ratio)))
+        x1, y1 = rng.uniform(0, image.width - w), rng.uniform(0, image.height - h)
+        x2, y2 = x1 + w, y1 + h
+        x1, x2 = x1 + jitter_rng.uniform(-jitter, jitter) * w, x2 + jitter_rng.uniform(-jitter, jitter) * w
+        y1, y2 = y1 + jitter_rng.uniform(-jitter, jitter) * h, y2 + jitter_rng.uniform(-jitter, jitter) * h
+        box = (max(0, round(x1)), max(0, round(y1)), min(image.width, round(x2)), min(image.height, round(y2)))
+        if box[2] > box[0] and box[3] > box[1]:
+            queries.append(SceneQuery(image.crop(box), records[i].id))
+    return queries
 
 
 def scene_queries(kb: KB, max_queries: int, jitter: float = 0.0) -> list[SceneQuery]:
@@ -435,11 +495,14 @@ def encode_kb(encoder: ImageEncoder, kb: KB, records: list[ImageRecord]) -> np.n
 
 
 def retrieval_recall(encoder: ImageEncoder, gallery: np.ndarray, records: list[ImageRecord], queries: list[SceneQuery]) -> dict:
-    """Image -> image recall@1/@5 of scene-object crops against the KB images' embeddings `gallery`."""
+    """Image -> image recall@1/@5 of crop queries against the KB images' embeddings `gallery`.
+
+    Without an answerable query the recalls are None: there is nothing to measure.
+    """
     row_of = {r.id: i for i, r in enumerate(records)}
     answerable = [q for q in queries if q.image_id in row_of]
     if not answerable:
-        return {"recall@1": 0.0, "recall@5": 0.0, "num_queries": 0, "num_gallery": len(records)}
+        return {"recall@1": None, "recall@5": None, "num_queries": 0, "num_gallery": len(records)}
     scores = encoder.encode([q.image for q in answerable]) @ gallery.T
     target = np.array([row_of[q.image_id] for q in answerable])
     # rank of the right answer = how many gallery images score strictly higher

@@ -1,8 +1,11 @@
-"""The protocol the policy speaks (DESIGN.md): the system prompt, and parsing one assistant turn.
+"""`qwen_tools`, the default protocol: Qwen-style function calling (DESIGN.md).
 
-An assistant turn is `<think>…</think>` followed by exactly one action, either
-`<tool_call>{"name": …, "arguments": {…}}</tool_call>` or `<answer>…</answer>`. Anything else is
-an invalid action with a message the policy reads back as its observation.
+The system prompt lists the tools as JSON schemas inside `<tools></tools>`. An assistant turn is
+`<think>…</think>` followed by exactly one action, either
+`<tool_call>{"name": …, "arguments": {…}}</tool_call>` or `<answer>…</answer>`, and ends with the
+end-of-turn token. A tool result comes back as a user turn inside `<tool_response>`, its images
+inline. Anything else is an invalid action with a message the policy reads back as its observation.
+Real Qwen instruct checkpoints start close to it; gold trajectories are stored in it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+
+from mmsearch.protocols.base import Action, Protocol
 
 SYSTEM_PROMPT = """You are a visual search agent. Answer the user's question about the image, using the tools when you need knowledge you cannot see.
 
@@ -39,23 +43,6 @@ _TAG = re.compile(r"<(/?)(think|tool_call|answer)>")
 
 def system_prompt(tool_schemas: list[dict]) -> str:
     return SYSTEM_PROMPT.format(tools="\n".join(json.dumps(s, ensure_ascii=False) for s in tool_schemas))
-
-
-@dataclass
-class Action:
-    """One parsed assistant turn. `kind` is "tool_call", "answer" or "invalid" (then `error` says why)."""
-
-    kind: str
-    thinking: str = ""
-    name: str = ""
-    arguments: Any = None
-    answer: str = ""
-    error: str = ""
-    has_think: bool = False
-
-    @property
-    def is_valid(self) -> bool:
-        return self.kind != "invalid"
 
 
 @dataclass
@@ -152,3 +139,23 @@ def tool_prompt_examples() -> Iterator[str]:
     for tool in ("text_search", "image_search", "crop"):
         yield format_turn("I should look this up.", format_tool_call(tool, {"query": "capital of", "image": 0, "bbox": [0, 0, 10, 10], "k": 5}))
     yield format_turn("The results say so.", "<answer>yes</answer>")
+
+
+class QwenTools(Protocol):
+    name = "qwen_tools"
+
+    def system_prompt(self, tool_schemas: list[dict]) -> str | None:
+        return system_prompt(tool_schemas)
+
+    def parse(self, text: str) -> Action:
+        return parse_action(text)
+
+    def format_action(self, action: Action) -> str:
+        if action.kind == "answer":
+            return format_turn(action.thinking, f"<answer>{action.answer}</answer>")
+        if action.kind == "tool_call":
+            return format_turn(action.thinking, format_tool_call(action.name, action.arguments))
+        raise ValueError(f"an {action.kind} action cannot be written: {action.error}")
+
+    def wrap_result(self, tool: str | None, messages: list[dict]) -> tuple[str, str]:
+        return TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE
