@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(p)
 
     p = sub.add_parser("eval", help="run the agent over a split and report EM/F1, tool use and cost")
-    p.add_argument("--data", help="dataset dir, or JSONL/Parquet file (generic, InfoSeek, FVQA/MMSearch-R1)")
+    p.add_argument("--data", help="dataset dir, JSONL/Parquet file (generic, InfoSeek, FVQA/MMSearch-R1, "
+                                  "FlashRAG/Search-R1 QA), or a FlashRAG dir (one folder per dataset)")
     p.add_argument("--split")
     p.add_argument("--limit", type=int, help="first N examples")
     p.add_argument("--out", help="dir for trajectories.jsonl, summary.json, report.md, report.html, images/ "

@@ -29,9 +29,9 @@
 
 Text-only questions: an example may have no image. A FlashRAG record without an image field is
 one; in the other formats the record must say so with an empty list (`"images": []`). A record
-with no image field at all in those formats is still skipped as `missing_image`: there the
-likeliest cause is an image key the loader does not know, and evaluating a VQA set without its
-images would quietly measure something else.
+with no image field at all in those formats is still skipped as `missing_image` (except in a load
+for a text-only policy, `text_only=True`): there the likeliest cause is an image key the loader
+does not know, and evaluating a VQA set without its images would quietly measure something else.
 
 A record that cannot become an example (bad JSON, no question, no answer, a missing or corrupt
 image, a duplicate id) is skipped and counted by reason in the `LoadReport`; it never stops the

@@ -28,7 +28,7 @@ from mmsearch.trajectory import Trajectory
 
 @dataclass
 class EvalConfig(RolloutConfig):
-    data: str = ""  # a dataset dir, or a JSONL / Parquet file (see mmsearch.eval.loaders)
+    data: str = ""  # a dataset dir, a JSONL / Parquet file, or a FlashRAG dir (see mmsearch.eval.loaders)
     split: str = "test"
     limit: int = 0  # 0: every example
     image_root: str = ""  # InfoSeek-style records: where <image_id>.jpg lives
