@@ -60,11 +60,10 @@ class SkipReport:
         """`reason` is the category counted; `detail` (a path, a parser message) only goes into the examples."""
         self.skipped += 1
         self.counts[reason] += 1
-        where = f"line {line_no}: {reason}{detail}"
         if len(self.reasons) < 5:
-            self.reasons.append(where)
+            self.reasons.append(f"line {line_no}: {reason}{detail}")
         if len(self.examples.setdefault(reason, [])) < 3:
-            self.examples[reason].append(where)
+            self.examples[reason].append(f"line {line_no}{detail}")
 
     def as_dict(self) -> dict:
         return {reason: {"count": n, "examples": self.examples[reason]} for reason, n in sorted(self.counts.items())}
