@@ -231,16 +231,18 @@ class TrajectoryBuilder:
         """Append generated tokens verbatim (mask 1) and the assistant message; return the turn's text.
 
         The message's text is the decoded turn without its end-of-turn token, which is how the
-        template renders it back, so the rendering stays a prefix of the next one.
+        template renders it back, so the rendering stays a prefix of the next one. An inline protocol
+        writes its one assistant message raw, so there the message keeps an end-of-turn token the turn
+        ended with (a turn that stopped without an action and is answered with an error).
         """
         text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
         traj.token_ids += token_ids
         traj.loss_mask += [1] * len(token_ids)
         traj.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(token_ids)
         traj.rendered += text
-        text = text.removesuffix(self.end_of_turn)
-        traj.messages.append({"role": "assistant", "content": text})
-        return text
+        turn = text.removesuffix(self.end_of_turn)
+        traj.messages.append({"role": "assistant", "content": text if self.protocol.inline else turn})
+        return turn
 
     def add_tool_response(self, traj: Trajectory, text: str, images: list[Image.Image], **fields) -> int:
         """Append a tool response (with its new images) as the template's delta; return its token count."""
