@@ -64,6 +64,7 @@ class Trajectory:
     rewards: dict[str, float] = field(default_factory=dict)
     rendered: str = ""  # the template text so far (image placeholders unexpanded)
     invalid_streak: int = 0
+    protocol: str = DEFAULT  # what the turns are written in (mmsearch/protocols): how to read them back
 
     @property
     def done(self) -> bool:
@@ -114,7 +115,7 @@ class Trajectory:
             "final_answer": self.final_answer, "stop_reason": self.stop_reason, "rewards": self.rewards,
             "turns": [vars(t) for t in self.turns], "tool_calls": [vars(c) for c in self.tool_calls],
             "n_tokens": len(self.token_ids), "n_generated": self.n_generated, "n_images": len(self.images),
-            "token_exact": self.token_exact,
+            "token_exact": self.token_exact, "protocol": self.protocol,
         }
 
 

@@ -30,7 +30,7 @@ from mmsearch.agent.config import AgentConfig, SamplingConfig
 from mmsearch.agent.loop import AgentLoop, EventHook
 from mmsearch.agent.setup import RolloutConfig, build_loop, is_url
 from mmsearch.example import Example
-from mmsearch.protocols.qwen_tools import parse_action
+from mmsearch.protocols import get_protocol
 from mmsearch.trajectory import ToolCallRecord, Trajectory, TurnRecord
 
 ImageInput = str | Path | bytes | bytearray | Image.Image
@@ -118,7 +118,7 @@ def to_event(traj: Trajectory, kind: str, payload: object) -> AgentEvent:
     """The AgentEvent for one call of the loop's on_event hook."""
     if kind == "turn":
         turn: TurnRecord = payload
-        parsed = parse_action(turn.text)
+        parsed = get_protocol(traj.protocol).parse(turn.text)
         event = AgentEvent("turn", turn=len(traj.turns) - 1, text=turn.text, thinking=parsed.thinking,
                            action=turn.action, error=turn.error)
         if turn.action == "tool_call":

@@ -118,6 +118,7 @@ class AgentLoop:
         else:
             traj = new_trajectory(example.id, sample, self.system,
                                   self.protocol.user_content(example.question, len(example.images)), example.images, token_exact)
+        traj.protocol = self.protocol.name
         if token_exact and len(traj.token_ids) >= self.cfg.max_total_tokens:
             traj.truncate(self.cfg.max_total_tokens, self.builder.vision_start_id)
         return traj

@@ -25,10 +25,18 @@ def model_init_tiny(args) -> int:
 
 
 def _engine_flags(args) -> dict:
-    """`--model DIR` runs it locally (hf); `--model URL` or `--api-base URL` uses an OpenAI-compatible endpoint."""
+    """`--model DIR` runs it locally (hf); `--model URL` or `--api-base URL` uses an OpenAI-compatible endpoint;
+    `--protocol` picks what the policy speaks (and, unless `tools.enabled=` is given, the tools it has actions for)."""
     from mmsearch.agent.setup import is_url
 
     flags = {"index": args.index, "server": args.server}
+    if args.protocol:
+        from mmsearch.protocols import get_protocol
+
+        protocol = get_protocol(args.protocol)
+        flags["agent.protocol"] = protocol.name
+        if protocol.tools and not any(o.startswith("tools.enabled=") for o in args.overrides):
+            flags["tools.enabled"] = list(protocol.tools)
     api_base = args.api_base or (args.model if args.model and is_url(args.model) else None)
     if api_base:
         flags.update({"engine.kind": "openai", "engine.api_base": api_base, "engine.model": args.served_model or "default"})

@@ -193,6 +193,8 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model", help="model name at the endpoint")
     p.add_argument("--index", help="index dir (in-process search)")
     p.add_argument("--server", action="append", help="tool-server URL (repeat for replicas)")
+    p.add_argument("--protocol", help="what the policy speaks: qwen_tools (default), search_r1, r1_searcher, mmsearch_r1; "
+                                      "enables the protocol's tools unless tools.enabled is given")
     _job_args(p)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from mmsearch.protocols.qwen_tools import parse_action
+from mmsearch.protocols import DEFAULT, get_protocol
 
 MAX_SIDE = 320  # longest side of an image on the page, in CSS pixels
 JPEG_QUALITY = 60
@@ -250,9 +250,9 @@ def _result(message: dict, call: dict | None, images: _Images) -> str:
     return f'<div class="mms-block {cls}"><div class="mms-label">{escape(label)}</div>{body}{figs}</div>'
 
 
-def _turn(k: int, message: dict, turn: dict | None) -> str:
+def _turn(k: int, message: dict, turn: dict | None, protocol: str = DEFAULT) -> str:
     text = message.get("content") if isinstance(message.get("content"), str) else _parts(message.get("content"))[0]
-    action = parse_action(text)
+    action = get_protocol(protocol).parse(text)
     kind = (turn or {}).get("action") or action.kind
     head = f"turn {k + 1}"
     if turn and turn.get("finish_reason") == "length":
@@ -334,7 +334,7 @@ def render_trajectory(record: dict, images: Sequence[ImageRef] | Mapping[int, Im
                          f'<div class="mms-pre mms-answer">{escape(text)}</div>{figs}</div>')
         elif role == "assistant":
             k += 1
-            parts.append(_turn(k, message, turns[k] if k < len(turns) else None))
+            parts.append(_turn(k, message, turns[k] if k < len(turns) else None, record.get("protocol", DEFAULT)))
         elif role == "tool":
             call_id = message.get("tool_call_id") or ""
             call = calls.get(int(call_id[5:])) if re.fullmatch(r"call_\d+", call_id) else None
