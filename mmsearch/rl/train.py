@@ -170,6 +170,7 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
               f"{cfg.rollout.group_size} trajectories per step, {a.advantage}, {cfg.steps} steps")
     eval_cfg = cfg.eval
     eval_cfg.index, eval_cfg.server = cfg.index, list(cfg.server)
+    eval_cfg.agent.protocol = cfg.rollout.agent.protocol  # the policy is evaluated in the protocol it learns
     evaluator = Evaluator(eval_cfg, cfg.data, model, processor, out, parallel)
     autocast = (torch.autocast(device_type=info.device.split(":")[0], dtype=torch.bfloat16)
                 if cfg.precision == "bf16" else contextlib.nullcontext())
