@@ -266,3 +266,24 @@ def test_gold_rows_a_protocol_cannot_express_are_skipped_with_a_count(gold_datas
     assert 0 < len(convertible) < len(examples)
     assert report.skipped.get(f"not_in_{name}", 0) == len(examples) - len(convertible)
     assert [s.example_id for s in samples] == convertible
+
+
+def test_mmsearch_eval_runs_the_vl_policy_in_mmsearch_r1(policy_dir, index_dir, gold_dataset, tmp_path):
+    """`mmsearch eval --protocol mmsearch_r1`: the protocol's tools only, its prompt, records that say it."""
+    from omegaconf import OmegaConf
+
+    from mmsearch.cli.main import main
+    from mmsearch.protocols.mmsearch_r1 import FIRST_PROMPT
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--protocol", "mmsearch_r1", "--model", str(policy_dir), "--index", str(index_dir),
+                 "--data", str(gold_dataset), "--split", "test", "--limit", "3", "--out", str(out),
+                 "agent.max_turns=2", "agent.max_new_tokens_per_turn=16", "agent.sampling.temperature=0"]) == 0
+    cfg = OmegaConf.load(out / "eval_config.yaml")
+    assert cfg.agent.protocol == "mmsearch_r1" and list(cfg.tools.enabled) == ["image_search", "text_search"]
+    records = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and {r["protocol"] for r in records} == {"mmsearch_r1"}
+    for record in records:
+        assert record["messages"][0]["role"] == "user"  # no system prompt: the template adds its default
+        assert record["messages"][0]["content"][0]["text"] == FIRST_PROMPT
+    assert (out / "report.html").stat().st_size > 0
