@@ -8,6 +8,8 @@ A text-only policy's batch has neither pixels nor modality types, and its positi
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -116,15 +118,17 @@ def forward_after_shared_prefix(inner: nn.Module, batch: dict[str, torch.Tensor]
     else:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         positions = positions[None].expand(3, -1, -1) if multimodal else positions
+    # transformers 5.x renamed `past_key_values` to `cache` in forward and its output (the old name warns)
+    cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
     head = inner(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], position_ids=positions[..., :1, :prefix],
                  use_cache=True)
-    cache = head.past_key_values
+    cache = getattr(head, cache_arg)
     cache.batch_repeat_interleave(ids.shape[0])
     rest = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
     if multimodal:
         rest["mm_token_type_ids"] = batch["mm_token_type_ids"][:, prefix:]
     out = inner(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions[..., prefix:],
-                past_key_values=cache, use_cache=True, **rest)
+                use_cache=True, **{cache_arg: cache}, **rest)
     return out.last_hidden_state
 
 

@@ -74,12 +74,16 @@ def eval_report(args) -> int:
 
 def ask(args) -> int:
     from mmsearch.agent.api import Agent, load_image
+    from mmsearch.agent.setup import policy_is_text_only
     from mmsearch.cli.ask_view import AskPrinter
     from mmsearch.eval.run import EvalConfig
+    from mmsearch.model.policy import images_refused
 
     cfg = _load(EvalConfig, args, **_engine_flags(args))  # eval configs work for ask too (data keys unused)
     # before loading the policy: a bad image fails fast (ValueError: exit 2); a text-only policy takes none
     image = load_image(args.image) if args.image else None
+    if image is not None and policy_is_text_only(cfg.engine):
+        raise images_refused(1)
     agent = Agent.from_pretrained(config=cfg)
     printer = AskPrinter(Path(args.out), as_json=args.json)
     printer.start(args.question, args.image)

@@ -31,8 +31,8 @@ from transformers import (
 )
 
 from mmsearch.engines.base import GenerationOutput, GenerationRequest, SamplingParams
-from mmsearch.model.policy import as_processor, is_vision_language
 from mmsearch.engines.turn_cache import CachedBatch, CachedRow, KVBuffer, TurnCache, gather_rows, own_column_masks
+from mmsearch.model.policy import as_processor, is_vision_language
 
 
 def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None = None) -> torch.Tensor:
