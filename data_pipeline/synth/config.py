@@ -12,12 +12,16 @@ from tools.config import ToolsConfig
 class MixConfig:
     """The configured mix. Shares are normalised; a share of 0 turns a category off."""
 
-    search_free: float = 0.5  # share of questions answerable by looking (the rest need search)
+    search_free: float = 0.5  # share of questions answerable by looking (the rest need search); image modality only
     hops: dict[int, float] = field(default_factory=lambda: {1: 0.4, 2: 0.4, 3: 0.2})  # among search-required
     crop: float = 0.5  # share of search-required questions about one object of a scene (the rest: a whole entity image)
+    # text modality: share of questions whose first entity is described by one of its facts or relations,
+    # unique in the KB, so the first hop is a search (the rest name it)
+    described: float = 0.3
     visual: dict[str, float] = field(  # among search-free
         default_factory=lambda: {"count": 0.25, "position": 0.25, "picture": 0.25, "colour": 0.25})
-    kinds: dict[str, float] = field(default_factory=dict)  # pictured entity kinds; empty: every kind with images, equally
+    # the first entity's kinds (image modality: the pictured one); empty: every kind (with images), equally
+    kinds: dict[str, float] = field(default_factory=dict)
     facts: float = 0.3  # share of 2-3 hop questions whose last hop is a literal fact (a year, a population)
 
 
@@ -100,6 +104,9 @@ class SynthConfig:
     out: str = "runs/dataset"
     n: int = 1000
     seed: int = 0
+    # image: the first entity is pictured (questions have an image; search-free kinds too);
+    # text: it is named or described in words (no images, text_search only; see text_questions.py)
+    modality: str = "image"
     # gold: a planner that knows the answer path runs the real tools; teacher: see TeacherConfig;
     # none: questions only (no tools run, evidence not checked).
     trajectories: str = "gold"

@@ -265,7 +265,11 @@ def _copy_image(file: str, root: Path, hashes: FileHashes) -> str:
 
 _CARD_INTRO = ("Multimodal search VQA examples (DESIGN.md \"Dataset dir\"): question images, question, answers "
                "with aliases, hop count, whether search is needed and, where made, a gold tool-use trajectory.")
-_SETTING_LABELS = {"kb": "knowledge base", "kb_fingerprint": "knowledge base fingerprint", "n": "examples requested",
+_TEXT_INTRO = ("Modality: **text**. Questions have no images: the first entity is named, or described by one of "
+               "its facts or relations that is unique in the knowledge base, and gold trajectories call text_search "
+               "only.")
+_SETTING_LABELS = {"hop_count": "hops", "kb": "knowledge base", "kb_fingerprint": "knowledge base fingerprint",
+                   "n": "examples requested",
                    "n_requested": "examples requested", "records_read": "records read"}
 _SECTION_TITLES = {"vision": "Vision geometry", "mix": "Mix", "filters": "Filter report", "dropped": "Dropped",
                    "kb_report": "Knowledge base report", "rewrites": "Rewrites", "entities_per_split": "Entities per split",
@@ -274,7 +278,10 @@ _SECTION_TITLES = {"vision": "Vision geometry", "mix": "Mix", "filters": "Filter
 
 def _render_card(name: str, by_split: dict[str, list[dict]], info: dict) -> str:
     """The markdown card for the rows of each split and the run's `info` (with fingerprint and counts)."""
-    lines = [f"# mmsearch dataset: {name}", "", _CARD_INTRO, "", f"Fingerprint: `{info.get('fingerprint', '')}`", ""]
+    lines = [f"# mmsearch dataset: {name}", "", _CARD_INTRO, ""]
+    if info.get("modality") == "text":
+        lines += [_TEXT_INTRO, ""]
+    lines += [f"Fingerprint: `{info.get('fingerprint', '')}`", ""]
     lines += _counts_section(by_split)
     lines += _settings_section(info)
     lines += _histograms_section(by_split)

@@ -102,7 +102,7 @@ def _arguments(step: Step, gold: GoldConfig) -> dict:
     """The step's tool arguments as the gold turn writes them: terse queries take one canonical form."""
     arguments = dict(step.arguments)
     if step.tool == "text_search":
-        if gold.think == "terse":
+        if gold.think == "terse" and not step.describes:  # a description's query is one form already
             arguments["query"] = T.canonical_query(step.relation, step.subject[0], step.fact, gold.names_after_space)
         if gold.text_k:
             arguments["k"] = gold.text_k
@@ -127,7 +127,9 @@ def _intent(candidate: Candidate, step: Step) -> str:
         which = "the crop" if meta.get("view") == "crop" else f"this {noun}"
         return f"I will search for images like {which} to find out which {T.kind_noun(candidate.kind)} it is."
     subject, relation = step.subject[0], step.relation
-    if step.fact:
+    if step.describes:
+        need = f"I need to find {meta['description']['np']}."
+    elif step.fact:
         need = f"I need to find out: {T.fact_questions(relation)[0].format(x=subject)}"
     else:
         need = f"I need {T.relation_nps(relation)[0].format(x=subject)}."
@@ -143,6 +145,8 @@ def _comment(step: Step, result: str, top_k: int) -> str:
     rank, text = found
     if step.tool == "image_search":
         return f"The best match is \"{text}\", so this is {step.subject[0]}."
+    if step.describes:
+        return f"Result [{rank}] says: \"{text}\" So it is {step.evidence[0]}."
     return f"Result [{rank}] says: \"{text}\""
 
 

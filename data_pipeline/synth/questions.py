@@ -28,7 +28,7 @@ COLOUR_ALIASES = {"gold": ("yellow",), "grey": ("gray",), "sky blue": ("light bl
 class Category:
     requires_search: bool
     hops: int = 0
-    view: str = ""  # whole | crop (search-required)
+    view: str = ""  # whole | crop (image modality) | named | described (text modality): search-required
     visual: str = ""  # count | position | picture | colour (search-free)
 
     @property
@@ -46,6 +46,9 @@ class Step:
     evidence: list[str]  # any of these must appear in the result
     relation: str = ""  # text_search: the relation or fact followed
     fact: bool = False  # the relation is a literal fact (a year, a population), not a link to an entity
+    # text_search (text modality): the step finds the question's described first entity from the
+    # description's value (`subject`), rather than following `relation` from a known entity
+    describes: bool = False
 
 
 @dataclass
@@ -81,11 +84,11 @@ def make_candidate(graph: EntityGraph, category: Category, kind: str | None, spl
     return _search(graph, category, rng.choice(pool), split_entities, facts_share, rng)
 
 
-def _path(graph: EntityGraph, anchor: str, follows: int, split_entities: set[str], facts_share: float,
-          rng: random.Random) -> list[tuple[str, str]] | None:
-    """`follows` (relation, target id) steps from the anchor inside the split, visiting no entity twice;
-    the last may be (fact, "") instead."""
-    path, seen, current = [], {anchor}, anchor
+def follow_path(graph: EntityGraph, anchor: str, follows: int, split_entities: set[str], facts_share: float,
+                rng: random.Random, avoid: frozenset[str] = frozenset()) -> list[tuple[str, str]] | None:
+    """`follows` (relation, target id) steps from the anchor inside the split, visiting no entity twice
+    (nor any of `avoid`); the last may be (fact, "") instead."""
+    path, seen, current = [], {anchor, *avoid}, anchor
     for step in range(follows):
         entity = graph.entities[current]
         relations = [(r, t) for r, t in sorted(entity.relations.items()) if t in split_entities and t not in seen]
@@ -106,7 +109,7 @@ def _search(graph: EntityGraph, category: Category, anchor_id: str, split_entiti
             rng: random.Random, scene: ComposedScene | None = None, obj: PlacedObject | None = None,
             vision: VisionResizeConfig | None = None) -> Candidate | None:
     anchor = graph.entities[anchor_id]
-    path = _path(graph, anchor_id, category.hops - 1, split_entities, facts_share, rng)
+    path = follow_path(graph, anchor_id, category.hops - 1, split_entities, facts_share, rng)
     if path is None:
         return None
     position = obj.position if obj is not None else None

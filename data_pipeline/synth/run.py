@@ -26,14 +26,16 @@ from data_pipeline.synth.filters import HeldOutNames, answer_in_question, dedup_
 from data_pipeline.synth.graph import EntityGraph
 from data_pipeline.synth.planner import check_evidence, gold_writer
 from data_pipeline.synth.questions import VISUAL_KINDS, Candidate, Category, make_candidate
-from data_pipeline.synth.records import SPLITS, FileHashes
+from data_pipeline.synth.records import HOP_COUNT, SPLITS, FileHashes
 from data_pipeline.synth.scenes import ScenePool
 from data_pipeline.synth.splits import partition_entities
+from data_pipeline.synth.text_questions import KBNames, TextQuestions
 from data_pipeline.world.seeding import derive_rng
 from mmsearch.config import to_yaml
 from mmsearch.example import Example
 
 TRAJECTORY_MODES = ("gold", "teacher", "none")
+MODALITIES = ("image", "text")
 
 
 @dataclass
@@ -88,19 +90,33 @@ def largest_remainder(total: int, shares: dict) -> dict:
     return {k: counts.get(k, 0) for k in shares}
 
 
-def category_targets(n: int, mix: MixConfig) -> dict[Category, int]:
-    """How many examples of each category a split of `n` examples should have."""
+def category_targets(n: int, mix: MixConfig, modality: str = "image") -> dict[Category, int]:
+    """How many examples of each category a split of `n` examples should have. The text modality has
+    search-required categories only: hops x (named | described)."""
     shares: dict[Category, float] = {}
+    if modality == "text":
+        if not 0 <= mix.described <= 1:
+            raise ValueError(f"mix.described is a share from 0 to 1, got {mix.described}")
+        for hops, share in _hop_shares(mix).items():
+            for view, view_share in (("named", 1 - mix.described), ("described", mix.described)):
+                shares[Category(True, hops, view)] = share / sum(mix.hops.values()) * view_share
+        return {c: k for c, k in largest_remainder(n, shares).items() if k > 0}
     for visual, share in mix.visual.items():
         if visual not in VISUAL_KINDS:
             raise ValueError(f"mix.visual: unknown kind {visual!r}; choose from {', '.join(VISUAL_KINDS)}")
         shares[Category(False, visual=visual)] = mix.search_free * share / sum(mix.visual.values())
-    for hops, share in mix.hops.items():
+    for hops, share in _hop_shares(mix).items():
+        for view, view_share in (("whole", 1 - mix.crop), ("crop", mix.crop)):
+            shares[Category(True, hops, view)] = (1 - mix.search_free) * share / sum(mix.hops.values()) * view_share
+    return {c: k for c, k in largest_remainder(n, shares).items() if k > 0}
+
+
+def _hop_shares(mix: MixConfig) -> dict[int, float]:
+    """mix.hops with int keys (YAML may give strings), checked."""
+    for hops in mix.hops:
         if not 1 <= int(hops) <= 3:
             raise ValueError(f"mix.hops: hop counts are 1 to 3, got {hops}")
-        for view, view_share in (("whole", 1 - mix.crop), ("crop", mix.crop)):
-            shares[Category(True, int(hops), view)] = (1 - mix.search_free) * share / sum(mix.hops.values()) * view_share
-    return {c: k for c, k in largest_remainder(n, shares).items() if k > 0}
+    return {int(hops): share for hops, share in mix.hops.items()}
 
 
 def config_hash(cfg: SynthConfig, kb_fingerprint: str) -> str:
@@ -119,11 +135,17 @@ class Synthesizer:
             raise ValueError(f"trajectories must be one of {', '.join(TRAJECTORY_MODES)}, got {cfg.trajectories!r}")
         if cfg.trajectories == "teacher" and not cfg.teacher.api_base:
             raise ValueError("trajectories=teacher needs teacher.api_base (an OpenAI-compatible endpoint)")
+        if cfg.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {cfg.modality!r}")
         self.cfg, self.progress = cfg, progress
+        self.text = cfg.modality == "text"
         self.graph = EntityGraph.load(cfg.kb)
+        # The same partition in both modalities, so a text set and an image set made with one seed
+        # hold out the same entities.
         self.parts = partition_entities(self.graph, cfg.splits, cfg.seed)
         self.out, self.work = Path(cfg.out), Path(cfg.out) / "work"
-        self.vision = _vision(cfg)
+        self.vision = cfg.tools.vision if self.text else _vision(cfg)  # text questions have no crop boxes
+        self.names = KBNames(self.graph) if self.text else None
         held_out = self.parts["validation"] | self.parts["test"]
         self.held_out_names = HeldOutNames([n for e in sorted(held_out) for n in self.graph.entities[e].answers])
         self._toolbox = toolbox
@@ -131,11 +153,20 @@ class Synthesizer:
 
     @property
     def toolbox(self):
+        """The tools trajectories run on; in the text modality text_search alone (what the system prompt lists)."""
         if self._toolbox is None:
             from tools.registry import build_toolbox, open_backend
 
+            if self.text:
+                self.cfg.tools.enabled = ["text_search"]
             self.cfg.tools.vision = self.vision
             self._toolbox = build_toolbox(self.cfg.tools, open_backend(self.cfg.index, self.cfg.server, self.cfg.tools))
+        elif self.text and list(self._toolbox.tools) != ["text_search"]:
+            from tools.base import Toolbox
+
+            if "text_search" not in self._toolbox.tools:
+                raise ValueError("modality=text needs a toolbox with text_search")
+            self._toolbox = Toolbox([self._toolbox.tools["text_search"]], timeout_s=self._toolbox.timeout_s)
         return self._toolbox
 
     # -- the run ---------------------------------------------------------------------------
@@ -178,14 +209,12 @@ class Synthesizer:
 
     def _run_split(self, split: str, n: int, state: RunState, examples_file: Path, seen: set[str]) -> None:
         cfg, progress = self.cfg, state.splits[split]
-        targets = category_targets(n, cfg.mix)
-        scene_share = sum(k for c, k in targets.items() if c.view in ("crop", "")) / max(1, n)
-        scenes = ScenePool(self.graph, self.parts[split], cfg.scenes, cfg.seed, split, self.work / "scenes")
-        scene_count = max(1, math.ceil(n * scene_share / cfg.scenes.questions_per_scene))
+        targets = category_targets(n, cfg.mix, cfg.modality)
         kinds = self._kind_targets(split, sum(k for c, k in targets.items() if c.requires_search))
+        make = self._candidate_maker(split, n, targets, kinds)
         bar = tqdm(total=n, initial=progress.total, desc=f"synth {split}", unit="ex", disable=not self.progress)
         while progress.total < n and _open_categories(targets, progress):
-            chunk = self._plan_chunk(split, targets, kinds, progress, scenes, scene_count, state)
+            chunk = self._plan_chunk(split, targets, kinds, progress, make, state)
             kept = self._trajectories(chunk, state)
             with examples_file.open("a", encoding="utf-8") as f:
                 for candidate, messages, tool_images in kept:
@@ -214,12 +243,26 @@ class Synthesizer:
             state.save(self.work / "state.json")
         bar.close()
 
+    def _candidate_maker(self, split: str, n: int, targets: dict[Category, int], kinds: dict[str, int]):
+        """(category, kind, rng) -> a candidate of the split, or None."""
+        cfg = self.cfg
+        if self.text:
+            wanted = {kind for kind, k in kinds.items() if k > 0} if cfg.mix.kinds else None
+            questions = TextQuestions(self.graph, self.names, self.parts[split], wanted)
+            return lambda category, kind, rng: questions.candidate(category, kind, cfg.mix.facts, rng)
+        scene_share = sum(k for c, k in targets.items() if c.view in ("crop", "")) / max(1, n)
+        scenes = ScenePool(self.graph, self.parts[split], cfg.scenes, cfg.seed, split, self.work / "scenes")
+        scene_count = max(1, math.ceil(n * scene_share / cfg.scenes.questions_per_scene))
+        return lambda category, kind, rng: make_candidate(self.graph, category, kind, self.parts[split], scenes,
+                                                          scene_count, self.vision, cfg.mix.facts, rng)
+
     def _kind_targets(self, split: str, n_search: int) -> dict[str, int]:
-        available = sorted({self.graph.entities[e].kind for e in self.graph.pictured(self.parts[split])})
+        firsts = self.parts[split] if self.text else self.graph.pictured(self.parts[split])
+        available = sorted({self.graph.entities[e].kind for e in firsts})
         shares = {k: self.cfg.mix.kinds.get(k, 0.0 if self.cfg.mix.kinds else 1.0) for k in available}
         return largest_remainder(n_search, shares)
 
-    def _plan_chunk(self, split, targets, kind_targets, progress: SplitState, scenes, scene_count, state):
+    def _plan_chunk(self, split, targets, kind_targets, progress: SplitState, make, state):
         """Up to `chunk` candidates that pass the filters, chosen where the split is furthest from its mix."""
         cfg = self.cfg
         planned: list[Candidate] = []
@@ -235,8 +278,7 @@ class Synthesizer:
             rng = derive_rng(cfg.seed, "candidate", split, progress.attempts)
             progress.attempts += 1
             progress.tried[category.name] += 1
-            candidate = make_candidate(self.graph, category, kind, self.parts[split], scenes, scene_count,
-                                       self.vision, cfg.mix.facts, rng)
+            candidate = make(category, kind, rng)
             if progress.tried[category.name] > cfg.max_attempts * targets[category] + 20:
                 progress.exhausted.append(category.name)
             if candidate is None:
@@ -321,12 +363,15 @@ class Synthesizer:
         cfg = self.cfg
         mix = {}
         for split in SPLITS:
-            targets = category_targets(split_targets[split], cfg.mix)
+            targets = category_targets(split_targets[split], cfg.mix, cfg.modality)
             mix[split] = {c.name: {"target": k, "kept": state.splits[split].accepted[c.name],
                                    "tried": state.splits[split].tried[c.name]} for c, k in targets.items()}
         return {
-            "seed": cfg.seed, "kb": str(Path(cfg.kb).resolve()), "kb_fingerprint": self.graph.fingerprint,
-            "n_requested": cfg.n, "trajectories": cfg.trajectories, "vision": asdict(self.vision),
+            "seed": cfg.seed, "modality": cfg.modality, "hop_count": HOP_COUNT,
+            "kb": str(Path(cfg.kb).resolve()), "kb_fingerprint": self.graph.fingerprint,
+            "n_requested": cfg.n, "trajectories": cfg.trajectories,
+            # what gold crop boxes were written for (SFT checks it); text questions have none
+            "vision": None if self.text else asdict(self.vision),
             "config": to_yaml(cfg), "kb_report": self.graph.report.as_dict(), "mix": mix,
             "filters": {k: v for k, v in state.dropped.items() if k.startswith("filter")},
             "dropped": dict(state.dropped), "rewrites": dict(state.rewrites),

@@ -76,6 +76,28 @@ PICTURE_QUESTIONS = ("What kind of picture is {where} of the image?", "What is s
 COLOUR_QUESTION = "What is the main colour of {desc} {where}?"
 
 
+# Text modality: how a question describes its first entity by one of its facts or relations instead of
+# naming it ("the nation whose currency is the trudai"); {noun} is the kind's noun, {v} the fact's
+# value or the related entity's name. Only descriptions unique in the KB are used (text_questions.py).
+DESCRIBE_FACT_NP = {
+    "founded": "the {noun} founded in {v}", "population": "the {noun} with a population of {v}",
+    "currency": "the {noun} whose currency is the {v}",
+    "official_language": "the {noun} whose official language is {v}",
+    "government": "the {noun} that is a {v}", "elevation": "the {noun} at an elevation of {v}",
+    "born": "the {noun} born in {v}", "died": "the {noun} who died in {v}",
+    "occupation": "the {noun} who worked as a {v}", "employees": "the {noun} with {v} employees",
+    "year": "the {noun} completed in {v}", "medium": "the {noun} in {v}", "length": "the {noun} {v} long",
+    "mouth": "the {noun} that empties into {v}", "dimensions": "the {noun} measuring {v}",
+    "discharge": "the {noun} that carries {v} of water",
+}
+DESCRIBE_RELATION_NP = {
+    "capital": "the {noun} whose capital is {v}", "country": "the {noun} in {v}",
+    "flows_through": "the {noun} that flows through {v}", "birthplace": "the {noun} born in {v}",
+    "founder": "the {noun} founded by {v}", "headquarters": "the {noun} headquartered in {v}",
+    "creator": "the {noun} by {v}", "housed_in": "the {noun} held by {v}",
+}
+
+
 def words(name: str) -> str:
     return name.replace("_", " ")
 
@@ -163,6 +185,17 @@ def canonical_query(relation: str, subject: str, fact: bool, name_last: bool = F
     else:
         queries = RELATION_QUERY.get(relation, (f"{{x}} {words(relation)}",))
     return queries[0].format(x=subject)
+
+
+def describe_np(kind: str, relation: str, value: str, fact: bool) -> str:
+    """The noun phrase describing an entity of `kind` by a fact's value or a related entity's name."""
+    template, noun = (DESCRIBE_FACT_NP if fact else DESCRIBE_RELATION_NP).get(relation), kind_noun(kind)
+    return template.format(noun=noun, v=value) if template else f"the {noun} whose {words(relation)} is {value}"
+
+
+def describe_query(relation: str, value: str) -> str:
+    """The search that resolves a description: the relation's words and the value, e.g. "currency trudai"."""
+    return f"{words(relation)} {value}"
 
 
 def entity_question(rng: random.Random, kind: str, np: str) -> str:
