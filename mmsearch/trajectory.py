@@ -192,21 +192,30 @@ def assistant_turn_ids(tokenizer, text: str, end_id: int, stop_strings: tuple[st
     return ids if text.endswith(tuple(stop_strings)) and stop_strings else ids + [end_id]
 
 
+CHATML_END = "<|im_end|>"
+
+
+def _has_token(tokenizer, token: str) -> bool:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    return token_id is not None and token_id != tokenizer.unk_token_id
+
+
 class TrajectoryBuilder:
     """Grows trajectories with one processor (tokenizer + image processor + chat template), or for a text-only
     policy its tokenizer (an image in its trajectory is a `TextOnlyError`)."""
 
-    def __init__(self, processor, end_of_turn: str = "<|im_end|>", protocol: Protocol | None = None):
+    def __init__(self, processor, end_of_turn: str | None = None, protocol: Protocol | None = None):
         self.processor = as_processor(processor)  # a text-only policy's tokenizer gets the processor interface
         self.protocol = protocol or get_protocol(DEFAULT)
         self.tokenizer = self.processor.tokenizer
         self.text_only = is_text_only(self.processor)
-        self.end_of_turn = end_of_turn
+        # ChatML's <|im_end|> (Qwen); a tokenizer without it ends turns with its own eos (Llama's <|eot_id|>).
+        self.end_of_turn = end_of_turn or (CHATML_END if _has_token(self.tokenizer, CHATML_END) else self.tokenizer.eos_token)
         # A text-only policy has no image tokens (Qwen2.5's tokenizer still lists them: they must not count).
         vision = lambda token: None if self.text_only else self.tokenizer.convert_tokens_to_ids(token)
         self.image_token_id = vision("<|image_pad|>")
         self.vision_start_id = vision("<|vision_start|>")
-        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(end_of_turn)
+        self.end_of_turn_id = self.tokenizer.convert_tokens_to_ids(self.end_of_turn)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """The template text of `messages`. An inline protocol renders the prompt with the chat template

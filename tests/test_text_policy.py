@@ -447,3 +447,15 @@ def test_the_ask_command_without_an_image_and_an_image_refused(text_policy_dir, 
     assert "cannot read images" in capsys.readouterr().err
     assert main(["ask", "What currency does Ibrovova use?", *policy]) == 2  # all three tools: refused
     assert "tools.enabled=[text_search]" in capsys.readouterr().err
+
+
+def test_vllm_prompts_of_a_text_policy_carry_no_images(text_policy_dir, text_engine):
+    """The vLLM engine's pure parts on a text-only checkpoint: no placeholder id, prompts are the ids."""
+    from mmsearch.engines.base import GenerationRequest
+    from mmsearch.engines.vllm_engine import build_prompt, placeholder_config
+
+    image_token_id, merge_size = placeholder_config(str(text_policy_dir))
+    assert (image_token_id, merge_size) == (None, 1)
+    ids = text_engine.tokenizer("Who founded Ibrovova?", add_special_tokens=False)["input_ids"]
+    prompt, sent = build_prompt(GenerationRequest(ids), image_token_id, merge_size)
+    assert prompt == {"prompt_token_ids": ids} and sent == ids

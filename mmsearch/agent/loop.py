@@ -66,7 +66,7 @@ class AgentLoop:
         self.suppress_token_ids: list[int] = []
         if builder is not None:
             tok = builder.tokenizer
-            stops = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+            stops = {builder.end_of_turn_id, tok.eos_token_id}
             self.stop_token_ids = sorted(t for t in stops if t is not None and t != tok.unk_token_id)
             vision = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
             self.suppress_token_ids = sorted({i for i in tok.convert_tokens_to_ids(list(vision))

@@ -188,11 +188,14 @@ def check_expansion(reported: Sequence[int] | None, expanded: Sequence[int], sen
     )
 
 
-def placeholder_config(model: str) -> tuple[int, int]:
-    """(`<|image_pad|>` id, spatial merge size) from a Qwen2-VL/Qwen2.5-VL/Qwen3-VL checkpoint's config."""
+def placeholder_config(model: str) -> tuple[int | None, int]:
+    """(`<|image_pad|>` id, spatial merge size) from a Qwen2-VL/Qwen2.5-VL/Qwen3-VL checkpoint's config;
+    (None, 1) for a text-only causal LM, which has no image placeholders."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model)
+    if getattr(config, "vision_config", None) is None:
+        return None, 1
     return int(config.image_token_id), int(config.vision_config.spatial_merge_size)
 
 
@@ -289,8 +292,8 @@ class VLLMEngine:
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
             enable_prefix_caching=enable_prefix_caching,
-            limit_mm_per_prompt={"image": max_images_per_prompt},
-            mm_processor_kwargs=mm_processor_kwargs,
+            **({"limit_mm_per_prompt": {"image": max_images_per_prompt}, "mm_processor_kwargs": mm_processor_kwargs}
+               if self.image_token_id is not None else {}),
             logprobs_mode="processed_logprobs",
             # Sampling is set in full per request; the checkpoint's generation_config must not add to it.
             generation_config="vllm",

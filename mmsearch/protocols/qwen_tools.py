@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from mmsearch.protocols.base import Action, Protocol
 
-SYSTEM_PROMPT = """You are a visual search agent. Answer the user's question about the image, using the tools when you need knowledge you cannot see.
+SYSTEM_PROMPT = """{role}
 
 # Tools
 
@@ -32,9 +32,13 @@ You are provided with function signatures within <tools></tools> XML tags:
 
 Every turn: think inside <think></think>, then do exactly one action and stop.
 - Call a tool: <tool_call>{{"name": <function-name>, "arguments": <args-json-object>}}</tool_call>
-- Or give the final answer, as short as possible: <answer>answer</answer>
+- Or give the final answer, as short as possible: <answer>answer</answer>{images}"""
+VISUAL_ROLE = "You are a visual search agent. Answer the user's question about the image, using the tools when you need knowledge you cannot see."
+TEXT_ROLE = "You are a search agent. Answer the user's question, using the tools when you need knowledge you do not have."
+IMAGES = """
 
 Images are numbered in order of appearance: the question's image is 0 and every image a tool returns gets the next number, shown as [image N]. Tools take images by number. Crop boxes are [x1, y1, x2, y2] in pixels of the image as you see it."""
+IMAGE_TOOLS = frozenset({"image_search", "crop"})
 
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>\n", "\n</tool_response>"
 
@@ -42,7 +46,11 @@ _TAG = re.compile(r"<(/?)(think|tool_call|answer)>")
 
 
 def system_prompt(tool_schemas: list[dict]) -> str:
-    return SYSTEM_PROMPT.format(tools="\n".join(json.dumps(s, ensure_ascii=False) for s in tool_schemas))
+    """The prompt for these tools; without a tool that takes an image (text search alone, a text-only
+    policy) it says nothing about images."""
+    visual = any(schema["function"]["name"] in IMAGE_TOOLS for schema in tool_schemas)
+    return SYSTEM_PROMPT.format(role=VISUAL_ROLE if visual else TEXT_ROLE, images=IMAGES if visual else "",
+                                tools="\n".join(json.dumps(s, ensure_ascii=False) for s in tool_schemas))
 
 
 @dataclass

@@ -66,7 +66,8 @@ def build_sample(builder: TrajectoryBuilder, example: Example, messages: list[di
         raise SkipRecord("malformed_trajectory", "messages must start with system and user")
     protocol = builder.protocol
     try:
-        messages = convert_messages(messages, protocol, tool_schemas(ToolsConfig()), example.question)
+        schemas = tool_schemas(ToolsConfig(enabled=list(protocol.tools or ToolsConfig().enabled)))
+        messages = convert_messages(messages, protocol, schemas, example.question)
     except ProtocolError as exc:
         raise SkipRecord(f"not_in_{protocol.name}", str(exc)) from None
     system = messages[0]["content"] if messages[0]["role"] == "system" else None
