@@ -459,3 +459,60 @@ def test_vllm_prompts_of_a_text_policy_carry_no_images(text_policy_dir, text_eng
     ids = text_engine.tokenizer("Who founded Ibrovova?", add_special_tokens=False)["input_ids"]
     prompt, sent = build_prompt(GenerationRequest(ids), image_token_id, merge_size)
     assert prompt == {"prompt_token_ids": ids} and sent == ids
+
+
+# -- the papers' protocols with a text-only policy --------------------------------------------------
+
+@pytest.mark.parametrize("name", ["qwen_tools", "search_r1", "r1_searcher"])
+def test_text_policy_rollouts_are_token_exact_in_every_text_protocol(text_engine, search, nations, name):
+    from test_protocols import assert_token_exact
+
+    from mmsearch.agent.setup import protocol_for
+    from mmsearch.protocols import Action, get_protocol
+
+    protocol = get_protocol(name)
+    cfg = ToolsConfig(enabled=["text_search"])
+    protocol_for(AgentConfig(protocol=name), cfg)
+    builder = TrajectoryBuilder(text_engine.processor, protocol=protocol)
+    nation = nations[0]
+    actions = [Action("tool_call", thinking="Look it up.", name="text_search", arguments={"query": f"{nation['name']} currency"}),
+               Action("tool_call", thinking="And the capital.", name="text_search", arguments={"query": f"capital {nation['name']}"}),
+               Action("answer", thinking="Found it.", answer=nation["facts"]["currency"])]
+    turns = [protocol.format_action(a) for a in actions]
+    loop = AgentLoop(ScriptedEngine(text_engine.tokenizer, replay({"ex": turns})), build_toolbox(cfg, search), builder,
+                     AgentConfig(protocol=name))
+    traj = loop.run([Example("ex", f"What currency does {nation['name']} use?", [], [nation["facts"]["currency"]])])[0]
+    assert traj.stop_reason == "answered" and traj.images == [] and traj.protocol == name
+    assert [c.name for c in traj.tool_calls] == ["text_search", "text_search"] and not any(c.is_error for c in traj.tool_calls)
+    assert_token_exact(protocol, builder, turns, traj)
+
+
+def test_eval_of_the_text_policy_on_flashrag_files_in_search_r1(text_policy_dir, index_dir, nations, world_dir, tmp_path):
+    """`mmsearch eval --protocol search_r1` on a FlashRAG folder: Search-R1's prompt and layout, EM per dataset."""
+    from mmsearch.cli.main import main
+    from mmsearch.protocols.search_r1 import PROMPT
+
+    names = {json.loads(line)["id"]: json.loads(line)["name"] for line in (world_dir / "entities.jsonl").read_text().splitlines()}
+    data = tmp_path / "flashrag"
+    for dataset, rows in {
+        "nq": [{"id": f"test_{i}", "question": f"what currency does {n['name']} use", "golden_answers": [n["facts"]["currency"]]}
+               for i, n in enumerate(nations)],
+        "hotpotqa": [{"id": f"test_{i}", "question": f"What is the capital of {n['name']}?",
+                      "golden_answers": [names[n["relations"]["capital"]]], "metadata": {"type": "bridge"}}
+                     for i, n in enumerate(nations) if "capital" in n.get("relations", {})],
+    }.items():
+        (data / dataset).mkdir(parents=True)
+        (data / dataset / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    assert main(["eval", "--protocol", "search_r1", "--model", str(text_policy_dir), "--index", str(index_dir),
+                 "--data", str(data), "--split", "test", "--out", str(out), "engine.device=cpu", "agent.max_turns=2",
+                 "agent.max_new_tokens_per_turn=12", "agent.sampling.temperature=0", "tools.default_k=3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["by_dataset"]) == {"hotpotqa", "nq"}
+    assert summary["dataset_average"]["n_datasets"] == 2
+    records = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    assert {r["protocol"] for r in records} == {"search_r1"} and all(r["n_images"] == 0 for r in records)
+    first = records[0]["messages"][0]
+    assert first["role"] == "user" and first["content"][-1]["text"].startswith(PROMPT.split("{question}")[0])
+    assert first["content"][-1]["text"].endswith("?\n")  # Search-R1 ends every question with "?"
+    assert "By dataset" in (out / "report.md").read_text()
