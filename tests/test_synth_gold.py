@@ -140,3 +140,31 @@ def test_tokenizer_sees_only_kb_protocol_and_entity_free_question_text(world_dir
     assert set(texts) & protocol and set(texts) & questions
     for text in texts:
         assert text in protocol or text in questions or set(text.split()) <= kb_words, text[:80]
+
+
+@pytest.mark.parametrize("think", ["terse", "full"])
+def test_read_crops_crop_the_named_cell_before_answering(world_dir: Path, toolbox, policy_dir: Path, tmp_path, think):
+    """With scenes.read_crops, picture and colour questions crop the grid cell they name (one box per
+    position word, in the policy's pixels), then answer; count and position questions answer at once."""
+    from data_pipeline.synth.config import MixConfig, SceneConfig
+
+    out = tmp_path / "read_crops"
+    cfg = SynthConfig(kb=str(world_dir), out=str(out), n=40, seed=1, chunk=32, processor=str(policy_dir),
+                      mix=MixConfig(search_free=1.0), scenes=SceneConfig(read_crops=True),
+                      gold=GoldConfig(think=think, image_k=1, text_k=3, names_after_space=True))
+    run_synth(cfg, toolbox=toolbox, progress=False)
+    rows = _rows(out)
+    boxes: dict[str, set[str]] = {}
+    for row in rows:
+        messages = row["messages"] if isinstance(row["messages"], list) else json.loads(row["messages"])
+        turns = [parse_action(m["content"]) for m in messages if m["role"] == "assistant"]
+        assert turns[-1].kind == "answer" and turns[-1].answer == row["answers"][0]
+        if row["kind"] in ("picture", "colour"):
+            assert [t.kind for t in turns] == ["tool_call", "answer"] and turns[0].name == "crop"
+            position = next(p for p in sorted(T.POSITION_WORDS, key=len, reverse=True) if p in row["question"])
+            boxes.setdefault(position, set()).add(json.dumps(turns[0].arguments["bbox"]))
+            tool = [m for m in messages if m["role"] == "tool"][0]
+            assert sum(p["type"] == "image" for p in tool["content"]) == 1  # the crop came back as image 1
+        else:
+            assert [t.kind for t in turns] == ["answer"]
+    assert boxes and all(len(b) == 1 for b in boxes.values()), boxes  # one box per position word

@@ -44,6 +44,10 @@ class SceneConfig:
     height: int = 336
     objects: list[int] = field(default_factory=lambda: [2, 4])  # min, max per scene
     questions_per_scene: int = 6  # scene pool size = scene questions / this (rendering is most of synthesis time)
+    # Search-free questions about one picture (its kind, its colour) crop the grid cell the question
+    # names first, then answer from the crop: a small policy reads one picture far better than a
+    # whole scene (README, "Reading crops").
+    read_crops: bool = False
 
 
 @dataclass

@@ -87,8 +87,8 @@ def gold_writer(candidates: dict[str, Candidate], top_k: int, gold: GoldConfig |
                 step = candidate.steps[turn]
                 return format_turn(_terse_intent(candidate, step), format_tool_call(step.tool, _arguments(step, gold)))
             return format_turn("answer", answer)
-        if not candidate.category.requires_search:
-            return format_turn(candidate.explanation, answer)
+        if not candidate.category.requires_search and turn >= len(candidate.steps):
+            return format_turn(candidate.explanation, answer)  # search-free: from the image (or the crop) itself
         said = _comment(candidate.steps[turn - 1], traj.tool_calls[-1].result, top_k) if turn else ""
         if turn < len(candidate.steps):
             step = candidate.steps[turn]
@@ -122,7 +122,8 @@ def _intent(candidate: Candidate, step: Step) -> str:
     meta = candidate.meta
     noun = T.PICTURE_NOUN.get(candidate.kind, "picture")
     if step.tool == "crop":
-        return f"The question is about the {noun} {T.at_position(meta['position'])}. I will crop it to look it up."
+        purpose = "look it up" if candidate.category.requires_search else "see it closely"
+        return f"The question is about the {noun} {T.at_position(meta['position'])}. I will crop it to {purpose}."
     if step.tool == "image_search":
         which = "the crop" if meta.get("view") == "crop" else f"this {noun}"
         return f"I will search for images like {which} to find out which {T.kind_noun(candidate.kind)} it is."

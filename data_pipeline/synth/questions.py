@@ -16,6 +16,7 @@ from pathlib import Path
 from data_pipeline.synth import templates as T
 from data_pipeline.synth.graph import EntityGraph
 from data_pipeline.synth.scenes import ComposedScene, PlacedObject, ScenePool, dominant_colour
+from data_pipeline.world.scenes import POSITIONS
 from tools.config import VisionResizeConfig
 from tools.imaging import seen_size
 
@@ -70,7 +71,9 @@ def make_candidate(graph: EntityGraph, category: Category, kind: str | None, spl
     """A candidate of `category` about an entity of `kind` (any kind when None or unavailable), or None."""
     if not category.requires_search:
         scene = scenes.scene(rng.randrange(scene_count))
-        return _visual(category, scene, graph, rng) if scene is not None else None
+        if scene is None:
+            return None
+        return _visual(category, scene, graph, rng, vision if scenes.cfg.read_crops else None)
     if category.view == "crop":
         scene = scenes.scene(rng.randrange(scene_count))
         if scene is None:
@@ -170,7 +173,26 @@ def _describe(graph: EntityGraph, obj: PlacedObject) -> str:
     return f"the {noun}" if noun else f"the picture of a {T.kind_noun(kind)}"
 
 
-def _visual(category: Category, scene: ComposedScene, graph: EntityGraph, rng: random.Random) -> Candidate | None:
+def _cell_box(position: str, scene: ComposedScene, vision: VisionResizeConfig) -> list[int]:
+    """The grid cell `position` names, in the pixels the policy sees (one box per position word)."""
+    row, col = next((r, c) for r, cells in enumerate(POSITIONS) for c, p in enumerate(cells) if p == position)
+    xs, ys = [scene.width * i // 3 for i in range(4)], [scene.height * i // 3 for i in range(4)]
+    return _seen_box((xs[col], ys[row], xs[col + 1], ys[row + 1]), scene, vision)
+
+
+def _visual(category: Category, scene: ComposedScene, graph: EntityGraph, rng: random.Random,
+            read_crops: VisionResizeConfig | None = None) -> Candidate | None:
+    """A search-free question about `scene`; with `read_crops` (the policy's resize), picture and colour
+    questions crop the cell they name before answering."""
+    candidate = _visual_question(category, scene, graph, rng)
+    if candidate is not None and read_crops is not None and candidate.kind in ("picture", "colour"):
+        position = candidate.meta["keep"][0]
+        candidate.steps = [Step("crop", {"image": 0, "bbox": _cell_box(position, scene, read_crops)}, [], [])]
+        candidate.meta["position"] = position
+    return candidate
+
+
+def _visual_question(category: Category, scene: ComposedScene, graph: EntityGraph, rng: random.Random) -> Candidate | None:
     objects = list(scene.objects)
     described = [(_describe(graph, o), o) for o in objects]
     unique = [(d, o) for d, o in described if sum(d == other for other, _ in described) == 1]
