@@ -6,6 +6,12 @@ chat template's *delta*: the template renders the whole conversation as text, th
 far is cut off its front, and only the rest is tokenized (by the processor, which also expands each
 image into its `<|image_pad|>` run and returns its pixels). Nothing generated is ever decoded and
 re-encoded, so no token drifts between rollout and training.
+
+The protocol (mmsearch/protocols) decides the rendering. With chat-turn protocols every piece meets
+the next at a special token, so the ids also equal the whole rendering tokenized at once. An inline
+protocol (Search-R1) inserts results into the assistant's own message: there the ids decode to the
+rendering and each piece is its own tokenization, as the papers build it; tokenizing the whole text
+at once could merge tokens across a piece's edge, which is why nothing is ever re-tokenized.
 """
 
 from __future__ import annotations
