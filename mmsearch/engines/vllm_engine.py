@@ -193,8 +193,10 @@ def placeholder_config(model: str) -> tuple[int | None, int]:
     (None, 1) for a text-only causal LM, which has no image placeholders."""
     from transformers import AutoConfig
 
+    from mmsearch.model.policy import is_vision_language
+
     config = AutoConfig.from_pretrained(model)
-    if getattr(config, "vision_config", None) is None:
+    if not is_vision_language(config):
         return None, 1
     return int(config.image_token_id), int(config.vision_config.spatial_merge_size)
 

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from mmsearch.model.policy import IMAGE_TOOLS
 from mmsearch.protocols.base import Action, Protocol
 
 SYSTEM_PROMPT = """{role}
@@ -38,7 +39,6 @@ TEXT_ROLE = "You are a search agent. Answer the user's question, using the tools
 IMAGES = """
 
 Images are numbered in order of appearance: the question's image is 0 and every image a tool returns gets the next number, shown as [image N]. Tools take images by number. Crop boxes are [x1, y1, x2, y2] in pixels of the image as you see it."""
-IMAGE_TOOLS = frozenset({"image_search", "crop"})
 
 TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>\n", "\n</tool_response>"
 
