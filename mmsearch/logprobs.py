@@ -8,12 +8,10 @@ A text-only policy's batch has neither pixels nor modality types, and its positi
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
-from mmsearch.engines.hf import mm_token_type_ids
+from mmsearch.engines.hf import cache_kwarg, mm_token_type_ids
 from mmsearch.rl.algos import entropy_from_logits
 from mmsearch.trajectory import Trajectory
 
@@ -118,8 +116,7 @@ def forward_after_shared_prefix(inner: nn.Module, batch: dict[str, torch.Tensor]
     else:
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         positions = positions[None].expand(3, -1, -1) if multimodal else positions
-    # transformers 5.x renamed `past_key_values` to `cache` in forward and its output (the old name warns)
-    cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    cache_arg = cache_kwarg(inner)
     head = inner(input_ids=ids[:1, :prefix], attention_mask=mask[:1, :prefix], position_ids=positions[..., :1, :prefix],
                  use_cache=True)
     cache = getattr(head, cache_arg)

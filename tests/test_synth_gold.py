@@ -163,7 +163,7 @@ def test_read_crops_crop_the_named_cell_before_answering(world_dir: Path, toolbo
             assert [t.kind for t in turns] == ["tool_call", "answer"] and turns[0].name == "crop"
             position = next(p for p in sorted(T.POSITION_WORDS, key=len, reverse=True) if p in row["question"])
             boxes.setdefault(position, set()).add(json.dumps(turns[0].arguments["bbox"]))
-            tool = [m for m in messages if m["role"] == "tool"][0]
+            tool = next(m for m in messages if m["role"] == "tool")
             assert sum(p["type"] == "image" for p in tool["content"]) == 1  # the crop came back as image 1
         else:
             assert [t.kind for t in turns] == ["answer"]

@@ -114,7 +114,6 @@ def test_text_questions_name_or_uniquely_describe_their_first_entity(text_questi
             assert [e["id"] for e in fits] == [anchor["id"]], f"{row['question']}: not unique in the KB"
             assert not any(_says(row["question"], n) for n in _names(anchor))
             assert row["hops"] == 1 + len(meta["path"])
-        assert 1 <= row["hops"] <= 3
         # the answer is read off the graph at the end of the path
         current = anchor
         for hop in meta["path"]:
@@ -127,6 +126,8 @@ def test_text_questions_name_or_uniquely_describe_their_first_entity(text_questi
             assert row["answers"] == _names(current)
         assert not answer_in_question(row["question"], row["answers"])
     assert Counter(r["hops"] for r in rows).keys() == {1, 2, 3}
+    # every configured hop count is made, and no other (named: one search per relation; described: one more)
+    assert {r["hops"] for r in rows} == {int(h) for h in SynthConfig().mix.hops}
 
 
 def test_text_questions_never_name_an_entity_of_another_split(text_questions, world_dir: Path):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from rl_test_rewards import REWARD_OVERRIDES
+from trajectory_checks import assert_token_exact, masked_runs
 
 from mmsearch.agent.config import AgentConfig, SamplingConfig
 from mmsearch.agent.loop import AgentLoop
@@ -135,18 +136,7 @@ def test_loss_mask_is_one_exactly_on_generated_tokens(scripted, n_calls):
     builder, turns, trajectories = scripted
     traj = trajectories[n_calls]
     generated = [assistant_turn_ids(builder.tokenizer, t, builder.end_of_turn_id) for t in turns[f"ex{n_calls}"]]
-    assert _masked_runs(traj) == generated
-
-
-def _masked_runs(traj, value: int = 1) -> list[list[int]]:
-    runs, current = [], []
-    for token, m in zip(traj.token_ids, traj.loss_mask):
-        if m == value:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
+    assert masked_runs(traj) == generated
 
 
 # Written in the shape of text-only instruct templates (Qwen2.5's, Llama's): `message.content` is concatenated
@@ -227,7 +217,7 @@ def test_hf_rollout_keeps_generated_tokens_verbatim_and_renders_as_the_template(
     tok = text_engine.tokenizer
     assert len(trajectories) == 4 and all(len(t.turns) >= 3 for t in trajectories)  # at least two policy turns each
     assert all(t.tool_calls[0].name == "text_search" and not t.tool_calls[0].is_error for t in trajectories)
-    policy_runs = [run for t in trajectories for run in _masked_runs(t)[1:]]
+    policy_runs = [run for t in trajectories for run in masked_runs(t)[1:]]
     assert sorted(map(tuple, policy_runs)) == sorted(tuple(out.token_ids) for out in generated)
     for traj in trajectories:
         assert len(traj.token_ids) == len(traj.loss_mask) == len(traj.logprobs)
@@ -236,7 +226,7 @@ def test_hf_rollout_keeps_generated_tokens_verbatim_and_renders_as_the_template(
         # the tokenizer's own tokenization of its text
         rendered = builder.render(traj.messages, add_generation_prompt=not traj.done or traj.turns[-1].action != "answer")
         assert rendered.startswith(tok.decode(traj.token_ids, skip_special_tokens=False))
-        for run in _masked_runs(traj, value=0):
+        for run in masked_runs(traj, value=0):
             assert run == tok(tok.decode(run, skip_special_tokens=False), add_special_tokens=False)["input_ids"]
 
 
@@ -465,8 +455,6 @@ def test_vllm_prompts_of_a_text_policy_carry_no_images(text_policy_dir, text_eng
 
 @pytest.mark.parametrize("name", ["qwen_tools", "search_r1", "r1_searcher"])
 def test_text_policy_rollouts_are_token_exact_in_every_text_protocol(text_engine, search, nations, name):
-    from test_protocols import assert_token_exact
-
     from mmsearch.agent.setup import protocol_for
     from mmsearch.protocols import Action, get_protocol
 

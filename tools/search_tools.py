@@ -6,7 +6,6 @@ from tools.base import Tool, ToolContext, ToolInputError, ToolResult, image_arg,
 from tools.config import ToolsConfig
 from tools.search.types import Hit, SearchBackend
 
-
 # One passage and what separates it from the next; the result's trailing whitespace is stripped.
 PASSAGE_FORMAT = "[{rank}] {title}\n{text}\n\n"
 

@@ -15,6 +15,7 @@ Two paths, the same tokens and log-probs:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -33,6 +34,17 @@ from transformers import (
 from mmsearch.engines.base import GenerationOutput, GenerationRequest, SamplingParams
 from mmsearch.engines.turn_cache import CachedBatch, CachedRow, KVBuffer, TurnCache, gather_rows, own_column_masks
 from mmsearch.model.policy import as_processor, is_vision_language
+
+
+@functools.cache
+def _cache_kwarg(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(model) -> str:
+    """The name `model.forward` takes the KV cache under (and returns it as): transformers 5.x renamed
+    `past_key_values` to `cache` (the old name warns). Looked up once per model class."""
+    return _cache_kwarg(type(model))
 
 
 def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int, video_token_id: int | None = None) -> torch.Tensor:
@@ -176,8 +188,7 @@ class HFEngine:
         self.max_batch = max_batch
         self.cache_turns = cache_turns
         self.turns = TurnCache()
-        # transformers 5.x renamed `past_key_values` to `cache` in forward and its output (the old name warns)
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_arg = cache_kwarg(model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         config = model.config
         # A text-only causal LM: no modality types, no pixels, 1-D rotary positions.

@@ -16,7 +16,7 @@ from mmsearch.protocols.search_r1 import SearchR1
 DEFAULT = "qwen_tools"
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (QwenTools(), SearchR1(), R1Searcher(), MMSearchR1())}
 
-__all__ = ["Action", "DEFAULT", "PROTOCOLS", "Protocol", "ProtocolError", "convert_messages", "get_protocol"]
+__all__ = ["DEFAULT", "PROTOCOLS", "Action", "Protocol", "ProtocolError", "convert_messages", "get_protocol"]
 
 
 def get_protocol(name: str) -> Protocol:

@@ -15,7 +15,6 @@ Two shapes exist in the papers:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +89,13 @@ class Protocol:
             raise ProtocolError(
                 f"protocol {self.name!r} has no action for {', '.join(extra)}; it can call "
                 f"{', '.join(self.tools)}: set tools.enabled=[{','.join(n for n in names if n in self.tools) or self.tools[0]}]")
+
+
+def answer_action(answer: str, thinking: str, has_think: bool) -> Action:
+    """An answer action, or an invalid one when the answer tags hold nothing."""
+    if not answer:
+        return Action("invalid", thinking=thinking, has_think=has_think, error="empty <answer></answer>")
+    return Action("answer", thinking=thinking, answer=answer, has_think=has_think)
 
 
 def thinking_before(text: str, end: int, tags: tuple[str, str] = ("<think>", "</think>")) -> tuple[str, bool]:

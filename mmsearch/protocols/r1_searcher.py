@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from mmsearch.protocols.base import Action, Protocol, thinking_before
+from mmsearch.protocols.base import Action, Protocol, answer_action, thinking_before
 
 SYSTEM = (
     "You are a helpful assistant.\nGiven a question, you should answer it by first thinking about the reasoning "
@@ -56,11 +56,7 @@ class R1Searcher(Protocol):
             query = " ".join(text[start + len(QUERY_OPEN):end].replace('"', "").split())
             return Action("tool_call", thinking=thinking, name="text_search", arguments={"query": query}, has_think=has_think)
         if answers:
-            thinking, has_think = thinking_before(text, answers[-1].start())
-            answer = answers[-1].group(1).strip()
-            if not answer:
-                return Action("invalid", thinking=thinking, has_think=has_think, error="empty <answer></answer>")
-            return Action("answer", thinking=thinking, answer=answer, has_think=has_think)
+            return answer_action(answers[-1].group(1).strip(), *thinking_before(text, answers[-1].start()))
         thinking, has_think = thinking_before(text, len(text))
         return Action("invalid", thinking=thinking, has_think=has_think,
                       error=f"no {QUERY_OPEN} query {QUERY_CLOSE} or <answer> answer </answer>")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from mmsearch.protocols.base import Action, Protocol, thinking_before
+from mmsearch.protocols.base import Action, Protocol, answer_action, thinking_before
 
 PROMPT = (
     "Answer the given question. You must conduct reasoning inside <think> and </think> first every time you get "
@@ -52,9 +52,7 @@ class SearchR1(Protocol):
         thinking, has_think = thinking_before(text, match.start())
         inner = match.group(2).strip()
         if match.group(1) == "answer":
-            if not inner:
-                return Action("invalid", thinking=thinking, has_think=has_think, error="empty <answer></answer>")
-            return Action("answer", thinking=thinking, answer=inner, has_think=has_think)
+            return answer_action(inner, thinking, has_think)
         return Action("tool_call", thinking=thinking, name="text_search", arguments={"query": inner}, has_think=has_think)
 
     def format_action(self, action: Action) -> str:

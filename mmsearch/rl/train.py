@@ -105,11 +105,13 @@ def train_rl(cfg: RLConfig, resume: bool = False, progress: bool = True) -> dict
     from mmsearch.agent.setup import check_image_tools
     from mmsearch.eval.loaders import load_examples
     from mmsearch.model.policy import is_text_only, load_processor
+    from mmsearch.protocols import get_protocol
     from mmsearch.rewards import check_reward_fields
 
     processor = load_processor(cfg.model)  # a text-only policy's: its tokenizer
     text_only = is_text_only(processor)
     check_image_tools(cfg.rollout.tools.enabled, text_only, "rollout.tools.enabled")
+    get_protocol(cfg.rollout.agent.protocol).check_tools(cfg.rollout.tools.enabled)  # before the weights load
     if cfg.eval.enabled:
         check_image_tools(cfg.eval.tools.enabled, text_only, "eval.tools.enabled")
     examples, load_report = load_examples(cfg.data, split=cfg.train_split, text_only=text_only)
