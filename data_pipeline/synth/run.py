@@ -145,6 +145,10 @@ class Synthesizer:
         self.parts = partition_entities(self.graph, cfg.splits, cfg.seed)
         self.out, self.work = Path(cfg.out), Path(cfg.out) / "work"
         self.vision = cfg.tools.vision if self.text else _vision(cfg)  # text questions have no crop boxes
+        if cfg.processor:  # gold trajectories carry the system prompt the policy they are for records
+            from mmsearch.agent.setup import use_recorded_prompt
+
+            use_recorded_prompt(cfg.agent, cfg.processor)
         self.names = KBNames(self.graph) if self.text else None
         held_out = self.parts["validation"] | self.parts["test"]
         self.held_out_names = HeldOutNames([n for e in sorted(held_out) for n in self.graph.entities[e].answers])

@@ -16,6 +16,9 @@ class SamplingConfig:
 @dataclass
 class AgentConfig:
     protocol: str = "qwen_tools"  # qwen_tools | search_r1 | r1_searcher | mmsearch_r1 (mmsearch/protocols)
+    # Empty: the protocol's own system prompt (tool schemas and format). Otherwise this text, verbatim, with
+    # `{tools}` replaced by one `name(arguments)` line per enabled tool.
+    system_prompt: str = ""
     max_turns: int = 6
     # Calls beyond a tool's budget get an error observation instead of running.
     max_calls_per_tool: dict[str, int] = field(default_factory=lambda: {"text_search": 4, "image_search": 3, "crop": 3})

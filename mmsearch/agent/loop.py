@@ -17,6 +17,7 @@ from mmsearch.agent.config import AgentConfig
 from mmsearch.engines.base import GenerationRequest, SamplingParams
 from mmsearch.example import Example
 from mmsearch.protocols import Action, ProtocolError, get_protocol
+from mmsearch.protocols.base import system_prompt_for
 from mmsearch.trajectory import (
     ToolCallRecord,
     Trajectory,
@@ -60,7 +61,7 @@ class AgentLoop:
         if self.protocol.inline and not engine.token_level:
             raise ProtocolError(f"protocol {self.protocol.name!r} continues the assistant's own message after each "
                                 "result, which a chat-level engine cannot do; use engine.kind=hf or vllm")
-        self.system = self.protocol.system_prompt(toolbox.schemas())
+        self.system = system_prompt_for(self.protocol, cfg.system_prompt, toolbox.schemas())
         self.timings = Timings()
         self.stop_token_ids: list[int] = []
         self.suppress_token_ids: list[int] = []

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from mmsearch.agent.config import AgentConfig, EngineConfig
 from mmsearch.agent.loop import AgentLoop, EventHook
-from mmsearch.model.policy import IMAGE_TOOLS, is_text_only, reads_images
+from mmsearch.model.policy import IMAGE_TOOLS, is_text_only, reads_images, recorded_system_prompt
 from mmsearch.protocols import Protocol, get_protocol
 from mmsearch.trajectory import TrajectoryBuilder
 from tools.config import ToolsConfig, VisionResizeConfig
@@ -106,12 +106,20 @@ def protocol_for(agent: AgentConfig, tools: ToolsConfig) -> Protocol:
     return protocol
 
 
+def use_recorded_prompt(agent: AgentConfig, policy) -> None:
+    """Serve the policy the system prompt it records (a model, its config or its dir) unless
+    `agent.system_prompt` names one: a policy trained on its own prompt must be asked in it."""
+    agent.system_prompt = agent.system_prompt or recorded_system_prompt(policy, agent.protocol)
+
+
 def build_loop(cfg: RolloutConfig, engine=None, on_event: EventHook | None = None) -> AgentLoop:
     from tools.registry import build_toolbox
 
     protocol = protocol_for(cfg.agent, cfg.tools)  # before anything heavy loads
     check_image_tools(cfg.tools.enabled, policy_is_text_only(cfg.engine, engine))
     engine = engine or build_engine(cfg.engine, max_images=cfg.agent.max_images)
+    model = getattr(engine, "model", None)  # the hf engine's transformers model (the weights in training, too)
+    use_recorded_prompt(cfg.agent, model if hasattr(model, "config") else cfg.engine.model)
     processor = getattr(engine, "processor", None) or load_processor(cfg.engine)
     cfg.tools.vision = vision_from_processor(processor, cfg.tools.vision)
     toolbox = build_toolbox(cfg.tools, build_backend(cfg))

@@ -8,6 +8,7 @@ processor's interface (chat template, tokenizing a delta, saving), so everything
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 # The tools that take an image or return one: a text-only policy can use neither.
@@ -55,6 +56,27 @@ def reads_images(path: str) -> bool:
         return is_vision_language(AutoConfig.from_pretrained(path))
     except (OSError, ValueError):
         return True
+
+
+# The config key under which a policy records the system prompts it was trained with, by protocol
+# ({"qwen_tools": template}; `agent.system_prompt`'s template form). It travels in config.json through every
+# checkpoint SFT and RL save, so eval, ask, RL and the app serve the policy the prompt it knows unasked.
+SYSTEM_PROMPTS_KEY = "mmsearch_system_prompts"
+
+
+def recorded_system_prompt(source, protocol: str) -> str:
+    """The system prompt a policy records for `protocol` (a model, its config, or a local model dir), or "".
+
+    Hub names and paths without a config.json record nothing: released checkpoints take the protocol's prompt.
+    """
+    from pathlib import Path
+
+    if isinstance(source, (str, Path)):
+        config = Path(source, "config.json")
+        prompts = json.loads(config.read_text(encoding="utf-8")).get(SYSTEM_PROMPTS_KEY) if config.is_file() else None
+    else:
+        prompts = getattr(getattr(source, "config", source), SYSTEM_PROMPTS_KEY, None)
+    return (prompts or {}).get(protocol, "")
 
 
 def load_processor(path: str):

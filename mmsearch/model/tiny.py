@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmsearch.model.policy import SYSTEM_PROMPTS_KEY
+from mmsearch.protocols import DEFAULT as DEFAULT_PROTOCOL
+
 PROTOCOL_WEIGHT = 200  # how many times the protocol text counts in tokenizer training
 
 # Qwen2.5-VL's special tokens (control tokens, never produced by BPE merges).
@@ -100,13 +103,17 @@ class TinyPolicyConfig:
     # and question words split into letters ("H ow  ma n y") (README, "Question words and reading rows").
     wording_questions: int = 3000
     text_only: bool = False  # a Qwen2 causal LM (tokenizer + model, for text_search alone) instead of Qwen2.5-VL
+    # The system prompt the policy is trained and served with in the default protocol, qwen_tools (`agent.system_prompt`'s
+    # template, recorded in its config.json); empty: the protocol's own, every tool's JSON schema.
+    system_prompt: str = ""
     text: TinyTextConfig = field(default_factory=TinyTextConfig)
     vision: TinyVisionConfig = field(default_factory=TinyVisionConfig)
 
 
-def _kb_texts(kb: Path, wording_questions: int = 0) -> Iterator[str]:
+def _kb_texts(kb: Path, wording_questions: int = 0, system_prompt: str = "") -> Iterator[str]:
     """Everything the policy will read or write: passages, image captions, entity names and facts, the
-    protocol, and `wording_questions` questions in the pipeline's wording (no entity in them)."""
+    protocol (with the policy's system prompt), and `wording_questions` questions in the pipeline's wording
+    (no entity in them)."""
     from mmsearch.protocols.qwen_tools import tool_prompt_examples
 
     for name in ("passages.jsonl", "images.jsonl", "entities.jsonl"):
@@ -127,7 +134,7 @@ def _kb_texts(kb: Path, wording_questions: int = 0) -> Iterator[str]:
     # The system prompt and protocol text appear in every sample, but only once in the KB. Repeating
     # them lets BPE merge their JSON and tags into few tokens (the prompt drops from ~750 tokens to a
     # fraction of that), which is most of the prefill cost of every turn.
-    protocol = list(tool_prompt_examples())
+    protocol = list(tool_prompt_examples(system_prompt))
     for _ in range(PROTOCOL_WEIGHT):
         yield from protocol
     if wording_questions:
@@ -136,7 +143,7 @@ def _kb_texts(kb: Path, wording_questions: int = 0) -> Iterator[str]:
         yield from sample_questions(wording_questions)
 
 
-def train_tokenizer(kb: Path, vocab_size: int, wording_questions: int = 0):
+def train_tokenizer(kb: Path, vocab_size: int, wording_questions: int = 0, system_prompt: str = ""):
     """A byte-level BPE over the KB's text with Qwen's special tokens, as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -148,7 +155,7 @@ def train_tokenizer(kb: Path, vocab_size: int, wording_questions: int = 0):
         vocab_size=vocab_size, min_frequency=2, show_progress=False,
         special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    bpe.train_from_iterator(_kb_texts(kb, wording_questions), trainer)
+    bpe.train_from_iterator(_kb_texts(kb, wording_questions, system_prompt), trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         model_max_length=8192, padding_side="left", clean_up_tokenization_spaces=False,
@@ -239,11 +246,13 @@ def init_tiny(cfg: TinyPolicyConfig) -> Path:
     kb, out = Path(cfg.kb), Path(cfg.out)
     if not (kb / "passages.jsonl").exists():
         raise FileNotFoundError(f"{kb} is not a KB dir (no passages.jsonl)")
-    tokenizer = train_tokenizer(kb, cfg.vocab_size, cfg.wording_questions)
+    tokenizer = train_tokenizer(kb, cfg.vocab_size, cfg.wording_questions, cfg.system_prompt)
     if cfg.text_only:
         processor, model = tokenizer, build_text_model(tokenizer, cfg)
     else:
         processor, model = build_processor(tokenizer, cfg.vision), build_model(tokenizer, cfg)
+    if cfg.system_prompt:
+        setattr(model.config, SYSTEM_PROMPTS_KEY, {DEFAULT_PROTOCOL: cfg.system_prompt})
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)

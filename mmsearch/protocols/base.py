@@ -36,6 +36,29 @@ class Action:
         return self.kind != "invalid"
 
 
+def tool_signatures(tool_schemas: list[dict]) -> str:
+    """The tools as `name(argument, ...)`, comma-separated, required arguments first."""
+    out = []
+    for schema in tool_schemas:
+        function = schema["function"]
+        params = function.get("parameters", {})
+        required = list(params.get("required", []))
+        names = required + [name for name in params.get("properties", {}) if name not in required]
+        out.append(f"{function['name']}({', '.join(names)})")
+    return ", ".join(out)
+
+
+def custom_system_prompt(template: str, tool_schemas: list[dict]) -> str:
+    """A user's system prompt (`agent.system_prompt`), its `{tools}` replaced by the enabled tools'
+    signatures; every other brace stays as written, so JSON examples need no escaping."""
+    return template.replace("{tools}", tool_signatures(tool_schemas))
+
+
+def system_prompt_for(protocol: Protocol, template: str, tool_schemas: list[dict]) -> str | None:
+    """The system message a loop sends: the user's template (`agent.system_prompt`) or the protocol's own."""
+    return custom_system_prompt(template, tool_schemas) if template else protocol.system_prompt(tool_schemas)
+
+
 class ProtocolError(ValueError):
     """A protocol cannot express what was asked (a tool it has no action for, an engine it cannot use)."""
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from mmsearch.model.policy import IMAGE_TOOLS
-from mmsearch.protocols.base import Action, Protocol
+from mmsearch.protocols.base import Action, Protocol, custom_system_prompt
 
 SYSTEM_PROMPT = """{role}
 
@@ -135,15 +135,17 @@ def format_turn(thinking: str, action: str) -> str:
     return f"<think>{thinking}</think>\n{action}"
 
 
-def tool_prompt_examples() -> Iterator[str]:
-    """Protocol text for tokenizer training, so its frequent strings become short token sequences."""
+def tool_prompt_examples(custom_prompt: str = "") -> Iterator[str]:
+    """Protocol text for tokenizer training, so its frequent strings become short token sequences; the system
+    prompt is `custom_prompt` (`agent.system_prompt`'s template) when the policy is to be served one."""
     from tools.config import ToolsConfig
     from tools.crop import CropTool
     from tools.search_tools import ImageSearchTool, TextSearchTool
 
     cfg = ToolsConfig()
     tools = [TextSearchTool(None, cfg), ImageSearchTool(None, cfg), CropTool(cfg.vision)]  # schemas only
-    yield system_prompt([tool.schema() for tool in tools])
+    schemas = [tool.schema() for tool in tools]
+    yield custom_system_prompt(custom_prompt, schemas) if custom_prompt else system_prompt(schemas)
     for tool in ("text_search", "image_search", "crop"):
         yield format_turn("I should look this up.", format_tool_call(tool, {"query": "capital of", "image": 0, "bbox": [0, 0, 10, 10], "k": 5}))
     yield format_turn("The results say so.", "<answer>yes</answer>")

@@ -16,7 +16,7 @@ import random
 import time
 
 from mmsearch.agent.loop import AgentLoop, Timings
-from mmsearch.agent.setup import RolloutConfig, build_backend, protocol_for, vision_from_processor
+from mmsearch.agent.setup import RolloutConfig, build_backend, protocol_for, use_recorded_prompt, vision_from_processor
 from mmsearch.engines.hf import HFEngine
 from mmsearch.example import Example
 from mmsearch.rl.config import RLConfig
@@ -67,6 +67,7 @@ class Rollouts:
         rollout.engine.device = cfg.device
         rollout.tools.vision = vision_from_processor(processor, rollout.tools.vision)
         protocol = protocol_for(rollout.agent, rollout.tools)
+        use_recorded_prompt(rollout.agent, hf_model(model))
         if cfg.rollout.engine == "vllm":
             self.engine = colocated_vllm(cfg, model)
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from mmsearch.training.metrics import MetricsLog, plot_curves
 from mmsearch.training.model import load_policy, trainable_parameters
 from mmsearch.training.parallel import all_sum, init_distributed, make_parallel, share_prefix
 from mmsearch.training.schedule import lr_lambda
+
+log = logging.getLogger(__name__)
 
 CURVES = [("train", "loss", "train loss (per trained token)"), ("train", "lr", "learning rate"),
           ("eval", "em", "validation EM (agent loop)"), ("eval", "invalid_share", "validation: share with an invalid turn")]
@@ -86,6 +89,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
             raise ValueError(f"no trainable samples in {cfg.data}[{cfg.train_split}] ({report})")
     else:  # a copy stage: copy rows only (configs/sft/copy.yaml)
         samples, report = [], LoadReport()
+    mismatch = _prompt_mismatch(samples, cfg, builder.protocol)
     samples += copy_rows(processor.tokenizer, cfg.copy_rows, cfg.seed)
     lengths = [len(s.token_ids) for s in samples]
     trained_tokens = [sum(s.loss_mask[1:]) for s in samples]
@@ -130,7 +134,7 @@ def train_sft(cfg: SFTConfig, resume: bool = False, progress: bool = True) -> di
             print(f"resuming from {resume_from} at step {state['step']}")
     metrics = MetricsLog(out, resume_step=state["step"] if resume_from else None) if info.is_main else None
     if info.is_main:
-        _write_run_info(out, cfg, report, plans, samples, trained_tokens, params, model)
+        _write_run_info(out, cfg, report, plans, samples, trained_tokens, params, model, mismatch)
     evaluator = Evaluator(cfg.eval, cfg.data, model, processor, out, parallel)
 
     # 4. the loop
@@ -215,7 +219,26 @@ def new_window() -> dict:
 
 
 
-def _write_run_info(out: Path, cfg: SFTConfig, report, plans, samples, trained_tokens, params, model) -> None:
+def _prompt_mismatch(samples, cfg: SFTConfig, protocol) -> int:
+    """Gold rows whose system prompt is not the one the policy will be served with (its recorded prompt or
+    the protocol's, for the eval's tools): a policy trained on one prompt and asked in another fails quietly."""
+    from mmsearch.model.policy import recorded_system_prompt
+    from mmsearch.protocols.base import system_prompt_for
+    from tools.registry import tool_schemas
+
+    served = system_prompt_for(protocol, cfg.eval.agent.system_prompt or recorded_system_prompt(cfg.model, protocol.name),
+                               tool_schemas(cfg.eval.tools))
+    systems = [s.messages[0]["content"] for s in samples if s.messages and s.messages[0]["role"] == "system"]
+    mismatch = sum(system != served for system in systems)
+    if mismatch:
+        log.warning("%d of %d rows were written with another system prompt than the one %s will be served with; "
+                    "synthesize with --processor %s, or set agent.system_prompt where it is served",
+                    mismatch, len(systems), cfg.model, cfg.model)
+    return mismatch
+
+
+def _write_run_info(out: Path, cfg: SFTConfig, report, plans, samples, trained_tokens, params, model,
+                    prompt_mismatch: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sft_config.yaml").write_text(to_yaml(cfg))
     total = sum(p.numel() for p in model.parameters())
@@ -226,6 +249,7 @@ def _write_run_info(out: Path, cfg: SFTConfig, report, plans, samples, trained_t
         "padding_waste": [round(p.padding_waste, 4) for p in plans],
         "dropped_micro_batches": [p.dropped_batches for p in plans],
         "parameters": total, "trainable_parameters": sum(p.numel() for p in params),
+        "system_prompt_mismatch": prompt_mismatch,
     }
     (out / "data_report.json").write_text(json.dumps(info, indent=2))
     print(f"sft: {len(samples)} samples ({report}), {sum(trained_tokens)} trained of {info['tokens_per_epoch']} tokens "
