@@ -23,6 +23,8 @@ from data_pipeline.synth.run import run_synth
 from data_pipeline.synth.splits import partition_entities
 from mmsearch.protocols.qwen_tools import parse_action
 
+ROOT = Path(__file__).parents[1]
+
 
 def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "work" / "examples.jsonl").read_text().splitlines()]
@@ -116,14 +118,20 @@ def test_question_words_are_whole_tokens_of_the_tiny_policy(policy_dir: Path):
     assert len(tok("How many pictures are in the image?")["input_ids"]) == 8
 
 
-def test_tokenizer_sees_only_kb_protocol_and_entity_free_question_text(world_dir: Path):
-    """Every text the tokenizer trains on is the protocol's, made of one KB file's own words, or a
-    question in the pipeline's wording that names no entity."""
+@pytest.mark.parametrize("prompt", ["schema", "tiny.yaml"])
+def test_tokenizer_sees_only_kb_protocol_and_entity_free_question_text(world_dir: Path, prompt: str):
+    """Every text the tokenizer trains on is the protocol's (with the system prompt the policy is served:
+    the schema prompt, or the short one configs/model/tiny.yaml records), made of one KB file's own
+    words, or a question in the pipeline's wording that names no entity."""
+    from omegaconf import OmegaConf
+
     from data_pipeline.synth.templates import sample_questions
     from mmsearch.model.tiny import TinyPolicyConfig, _kb_texts
     from mmsearch.protocols.qwen_tools import tool_prompt_examples
 
-    protocol = set(tool_prompt_examples())
+    system_prompt = "" if prompt == "schema" else OmegaConf.load(ROOT / "configs" / "model" / "tiny.yaml").system_prompt
+    protocol = set(tool_prompt_examples(system_prompt))
+    assert any("<tools>" in text for text in protocol) == (prompt == "schema")
     n_questions = TinyPolicyConfig().wording_questions
     questions = set(sample_questions(n_questions))
     assert n_questions and len(questions) > 100
@@ -136,7 +144,7 @@ def test_tokenizer_sees_only_kb_protocol_and_entity_free_question_text(world_dir
             values = [record.get("title", ""), record.get("text", ""), record.get("name", ""), *record.get("aliases", []),
                       *(f"{k}: {v}" for k, v in record.get("facts", {}).items())]
             kb_words |= {w for v in values for w in v.split()}
-    texts = list(_kb_texts(world_dir, n_questions))
+    texts = list(_kb_texts(world_dir, n_questions, system_prompt))
     assert set(texts) & protocol and set(texts) & questions
     for text in texts:
         assert text in protocol or text in questions or set(text.split()) <= kb_words, text[:80]
