@@ -16,8 +16,8 @@ class SamplingConfig:
 @dataclass
 class AgentConfig:
     protocol: str = "qwen_tools"  # qwen_tools | search_r1 | r1_searcher | mmsearch_r1 (mmsearch/protocols)
-    # Empty: the protocol's own system prompt (tool schemas and format). Otherwise this text, verbatim, with
-    # `{tools}` replaced by one `name(arguments)` line per enabled tool.
+    # Empty: the policy's recorded prompt (its config's `mmsearch_system_prompts`), else the protocol's own (tool
+    # schemas and format). Otherwise this text, verbatim, `{tools}` replaced by the enabled tools as `name(arguments)`.
     system_prompt: str = ""
     max_turns: int = 6
     # Calls beyond a tool's budget get an error observation instead of running.
