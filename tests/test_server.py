@@ -340,10 +340,15 @@ def test_a_body_over_the_limit_is_refused_from_its_content_length():
             status, body = read_response(sock)
             assert sock.recv(1) == b""  # and it closed the connection rather than read the body
         assert status == 413 and "limit of 1048576 bytes" in json.loads(body)["error"]
-        # A client that sends the body anyway reads the same answer.
-        resp = httpx.post(running.url + "/v1/image_search", content=b" " * (2 * 2**20),
-                          headers={"content-type": "application/json"})
-        assert resp.status_code == 413 and "max_body_mb" in resp.json()["error"]
+        # A client that sends the body anyway reads the same answer, unless the close reaches it first:
+        # the server never reads the body, and closing a socket with unread data sends a reset, which
+        # can discard the 413 before the client reads it (a TCP race; it failed this test once in the full suite).
+        try:
+            resp = httpx.post(running.url + "/v1/image_search", content=b" " * (2 * 2**20),
+                              headers={"content-type": "application/json"})
+            assert resp.status_code == 413 and "max_body_mb" in resp.json()["error"]
+        except (httpx.ReadError, httpx.WriteError):
+            pass
         assert backend.calls == []
         # Just under the limit is served (and parsed off the event loop: it is large).
         resp = httpx.post(running.url + "/v1/text_search", json={"queries": ["q" * 1_000_000], "k": 1})
