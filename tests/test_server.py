@@ -346,9 +346,10 @@ def test_a_body_over_the_limit_is_refused_from_its_content_length():
         try:
             resp = httpx.post(running.url + "/v1/image_search", content=b" " * (2 * 2**20),
                               headers={"content-type": "application/json"})
-            assert resp.status_code == 413 and "max_body_mb" in resp.json()["error"]
+            outcome = (resp.status_code, "max_body_mb" in resp.json().get("error", ""))
         except (httpx.ReadError, httpx.WriteError):
-            pass
+            outcome = "reset"
+        assert outcome in ((413, True), "reset")
         assert backend.calls == []
         # Just under the limit is served (and parsed off the event loop: it is large).
         resp = httpx.post(running.url + "/v1/text_search", json={"queries": ["q" * 1_000_000], "k": 1})

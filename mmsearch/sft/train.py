@@ -222,12 +222,12 @@ def new_window() -> dict:
 def _prompt_mismatch(samples, cfg: SFTConfig, protocol) -> int:
     """Gold rows whose system prompt is not the one the policy will be served with (its recorded prompt or
     the protocol's, for the eval's tools): a policy trained on one prompt and asked in another fails quietly."""
-    from mmsearch.model.policy import recorded_system_prompt
+    from mmsearch.agent.setup import use_recorded_prompt
     from mmsearch.protocols.base import system_prompt_for
     from tools.registry import tool_schemas
 
-    served = system_prompt_for(protocol, cfg.eval.agent.system_prompt or recorded_system_prompt(cfg.model, protocol.name),
-                               tool_schemas(cfg.eval.tools))
+    use_recorded_prompt(cfg.eval.agent, cfg.model)  # what the eval's loop will resolve, resolved once here
+    served = system_prompt_for(protocol, cfg.eval.agent.system_prompt, tool_schemas(cfg.eval.tools))
     systems = [s.messages[0]["content"] for s in samples if s.messages and s.messages[0]["role"] == "system"]
     mismatch = sum(system != served for system in systems)
     if mismatch:
